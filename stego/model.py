@@ -1,0 +1,72 @@
+"""STEGO segmentation head (modules only: no I/O, no distributed calls).
+
+The head maps frozen backbone features to a low-dimensional code:
+
+    code = Conv1x1(C->D)(drop(f)) + Conv1x1(C->D)(ReLU(Conv1x1(C->C)(drop(f))))
+
+with an independent Dropout2d sample in each branch, as in the original `DinoFeaturizer`.
+The correspondence loss reads the features through a third, independent dropout sample.
+At evaluation time dropout is the identity, so the exported head is two plain conv1x1 branches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StegoHead(nn.Module):
+    """Two-branch 1x1-conv projection head.
+
+    Args:
+        in_dim: backbone feature channels C.
+        code_dim: code channels D (70 in the paper; 100 for DINOv2 ViT-B).
+        dropout: Dropout2d probability applied to the features of each branch (0.1).
+        nonlinear: add the ReLU branch (the paper's "nonlinear" projection); False keeps only the linear branch.
+    """
+
+    def __init__(self, in_dim: int, code_dim: int, dropout: float = 0.1, nonlinear: bool = True) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.code_dim = code_dim
+        self.dropout = nn.Dropout2d(p=dropout)  # stateless: each call draws a fresh channel mask
+        self.linear_branch = nn.Conv2d(in_dim, code_dim, kernel_size=1)
+        self.nonlinear_branch = (
+            nn.Sequential(
+                nn.Conv2d(in_dim, in_dim, kernel_size=1),
+                nn.ReLU(),
+                nn.Conv2d(in_dim, code_dim, kernel_size=1),
+            )
+            if nonlinear
+            else None
+        )
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, C, h, w) -> (signal (B, C, h, w), code (B, D, h, w)).
+
+        `signal` is drop(feats), the feature side of the correspondence loss.
+        """
+        code = self.linear_branch(self.dropout(feats))  # (B, D, h, w)
+        if self.nonlinear_branch is not None:
+            code = code + self.nonlinear_branch(self.dropout(feats))
+        return self.dropout(feats), code
+
+    def code_branches(self, prefix: str = "") -> list[list[dict]]:
+        """The head as the method-agnostic op lists of `shared.segmenter.save_segmenter`.
+
+        Keys refer to this module's `state_dict()` (with `prefix` prepended). Dropout is absent: it is the
+        identity at evaluation.
+        """
+        linear = {"op": "conv1x1", "weight": f"{prefix}linear_branch.weight", "bias": f"{prefix}linear_branch.bias"}
+        branches = [[linear]]
+        if self.nonlinear_branch is not None:
+            branches.append(
+                [
+                    {"op": "conv1x1", "weight": f"{prefix}nonlinear_branch.0.weight",
+                     "bias": f"{prefix}nonlinear_branch.0.bias"},
+                    {"op": "relu"},
+                    {"op": "conv1x1", "weight": f"{prefix}nonlinear_branch.2.weight",
+                     "bias": f"{prefix}nonlinear_branch.2.bias"},
+                ]
+            )
+        return branches
