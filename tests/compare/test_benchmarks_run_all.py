@@ -1,0 +1,51 @@
+"""benchmarks.run_all: schema rendering, tolerance of other shapes, skipping missing modules, repeat medians."""
+
+import sys
+import types
+
+from benchmarks import run_all
+
+
+def test_schema_rows_render_with_computed_ratio():
+    result = {"title": "Backbone", "rows": [{"name": "bf16", "value": 30.0, "unit": "images/s", "reference": "fp32"},
+                                            {"name": "fp32", "value": 12.0, "unit": "images/s"}],
+              "notes": ["a note"]}
+    text = "\n".join(run_all.render_result("benchmarks.backbone", "desc", result))
+    assert "## Backbone" in text
+    assert "| bf16 | 30 | images/s | fp32 | 2.50× |" in text
+    assert "- a note" in text
+
+
+def test_any_dict_of_scalars_renders_as_a_table():
+    text = "\n".join(run_all.render_result("benchmarks.x", "X bench", {"rate": 3.14159, "sub": {"n": 4}}))
+    assert "## X bench" in text
+    assert "| rate | 3.142 |" in text
+    assert "| sub.n | 4 |" in text
+
+
+def test_missing_and_failing_modules_are_reported_and_others_run(monkeypatch, tmp_path):
+    good = types.ModuleType("benchmarks._fake_good")
+    good.run = lambda: {"title": "Good", "rows": [{"name": "a", "value": 1.0, "unit": "s"}]}
+    bad = types.ModuleType("benchmarks._fake_bad")
+
+    def boom():
+        raise RuntimeError("broken benchmark")
+
+    bad.run = boom
+    monkeypatch.setitem(sys.modules, "benchmarks._fake_good", good)
+    monkeypatch.setitem(sys.modules, "benchmarks._fake_bad", bad)
+    monkeypatch.setattr(run_all, "BENCHMARKS", [("benchmarks._fake_missing", "missing one"),
+                                                ("benchmarks._fake_bad", "bad one"),
+                                                ("benchmarks._fake_good", "good one")])
+    path = run_all.write_results(tmp_path / "results.md", run_all.run_benchmarks())
+    text = path.read_text()
+    assert "not present yet, skipped" in text
+    assert "FAILED: RuntimeError: broken benchmark" in text
+    assert "## Good" in text and "| a | 1 | s |" in text
+    assert "CPU:" in text and "torch" in text
+
+
+def test_repeats_take_the_median_of_each_row():
+    calls = [{"rows": [{"name": "a", "value": v, "unit": "s"}]} for v in (5.0, 1.0, 3.0)]
+    merged = run_all.merge_repeats(calls)
+    assert merged["rows"][0]["value"] == 3.0
