@@ -1,0 +1,122 @@
+"""Guards for a training loop: stop cleanly on non-finite losses and on SIGINT / SIGTERM.
+
+::
+
+    with StopSignal() as stop:
+        for step in range(start, cfg.steps):
+            loss = ...
+            check_finite(loss, step)             # raises NonFiniteLossError before the bad step is applied
+            ...
+            if stop.sync():                      # any rank got SIGINT/SIGTERM (collective under DDP)
+                save the checkpoint; break
+
+``check_finite`` raises before ``backward()``/``optimizer.step()``, so the weights and the last checkpoint
+written are still good. Under DDP it agrees across ranks (a tiny all-reduce), so every rank raises together
+instead of one rank hanging in the next collective; every rank must therefore call it at the same steps.
+
+``StopSignal`` replaces the SIGINT/SIGTERM handlers while the ``with`` block runs: the first signal only sets
+``.requested`` so the loop can save and exit; a second one stops at once (``KeyboardInterrupt`` for SIGINT,
+``SystemExit(128 + signum)`` otherwise). The previous handlers come back on exit. Signal handlers can only
+be installed from the main thread; elsewhere StopSignal does nothing (``.requested`` stays False).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+import torch
+
+from shared import dist as sdist
+
+__all__ = ["NonFiniteLossError", "check_finite", "StopSignal"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; ``.step`` and ``.value`` say where."""
+
+    def __init__(self, message: str, step: int, value: float) -> None:
+        super().__init__(message)
+        self.step = step
+        self.value = value
+
+
+def check_finite(loss: torch.Tensor | float, step: int, name: str = "loss") -> None:
+    """Raise NonFiniteLossError if ``loss`` (a tensor of any shape, or a number) has a NaN or inf on any rank."""
+    if isinstance(loss, torch.Tensor):
+        bad_here = not bool(torch.isfinite(loss.detach()).all())
+        value = float(loss.detach().float().flatten()[~torch.isfinite(loss.detach().flatten())][0]) if bad_here else 0.0
+    else:
+        bad_here = not math.isfinite(float(loss))
+        value = float(loss)
+    if sdist.is_initialized() and sdist.get_world_size() > 1:
+        flag = torch.tensor([1.0 if bad_here else 0.0], device=sdist.flag_device())
+        bad_anywhere = bool(sdist.all_reduce_max(flag).item() > 0)
+    else:
+        bad_anywhere = bad_here
+    if not bad_anywhere:
+        return
+    where = f"{value}" if bad_here else f"non-finite on another rank (here: {_as_number(loss)})"
+    raise NonFiniteLossError(
+        f"Non-finite {name} at step {step}: {where}. Training stopped before this step was applied; the last good "
+        "checkpoint is kept unchanged. Lower the learning rate or check the inputs, then resume with --resume auto.",
+        step,
+        value if bad_here else float("nan"),
+    )
+
+
+def _as_number(loss: Any) -> float:
+    if isinstance(loss, torch.Tensor):
+        return float(loss.detach().float().mean())
+    return float(loss)
+
+
+class StopSignal:
+    """Context manager that turns SIGINT/SIGTERM into a ``requested`` flag (see module docstring)."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        self.signals = signals
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            self._restore()
+            print(f"[stop] second signal ({name}): stopping now without saving.", file=sys.stderr, flush=True)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.requested = True
+        self.signal_name = name
+        print(
+            f"[stop] received {name}: saving a checkpoint and stopping after this step (send it again to stop now).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def sync(self) -> bool:
+        """``requested`` on any rank (an all-reduce under DDP: call it on every rank at the same steps)."""
+        if sdist.is_initialized() and sdist.get_world_size() > 1:
+            flag = torch.tensor([1.0 if self.requested else 0.0], device=sdist.flag_device())
+            return bool(sdist.all_reduce_max(flag).item() > 0)
+        return self.requested
