@@ -1,0 +1,105 @@
+"""CRF against a direct pydensecrf call built from the documented parameters; pool behaviour."""
+
+import time
+import warnings
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import pytest
+import torch
+import torch.nn.functional as F
+from pydensecrf.utils import unary_from_softmax
+
+import shared.crf as crf_module
+from shared.crf import CRFPool, batched_dense_crf, dense_crf
+
+MEAN = np.array([0.485, 0.456, 0.406])
+STD = np.array([0.229, 0.224, 0.225])
+ORIGINAL_CRF = crf_module.crf_from_probs
+
+
+def make_inputs(seed: int, h: int = 30, w: int = 40, c: int = 3):
+    rng = np.random.default_rng(seed)
+    rgb = np.zeros((h, w, 3), dtype=np.float64)
+    rgb[:, : w // 2] = [0.9, 0.2, 0.1]  # two coloured halves, plus noise
+    rgb[:, w // 2:] = [0.1, 0.3, 0.8]
+    rgb = np.clip(rgb + rng.normal(0, 0.05, rgb.shape), 0, 1)
+    rgb = np.round(rgb * 255) / 255  # a real uint8 image, as datasets produce
+    image = torch.from_numpy(((rgb - MEAN) / STD).transpose(2, 0, 1)).float()
+    logits = torch.from_numpy(rng.normal(0, 1.5, (c, 6, 8))).float()
+    return image, logits
+
+
+def reference_crf(image: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
+    rgb = image.double().numpy().transpose(1, 2, 0) * STD + MEAN
+    bgr = np.ascontiguousarray(np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)[:, :, ::-1])
+    h, w = bgr.shape[:2]
+    up = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    probs = torch.softmax(up, dim=0).numpy()
+    c = probs.shape[0]
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs, clip=1e-5)))
+    d.addPairwiseGaussian(sxy=1, compat=3)
+    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=bgr, compat=4)
+    return np.array(d.inference(10)).reshape(c, h, w)
+
+
+def test_dense_crf_matches_direct_pydensecrf():
+    image, logits = make_inputs(0)
+    out = dense_crf(image, logits)
+    assert out.dtype == np.float32 and out.shape == (3, 30, 40)
+    ref = reference_crf(image, logits)
+    assert np.allclose(out, ref, atol=1e-5)
+    assert np.allclose(out.sum(axis=0), 1.0, atol=1e-4)
+    # the CRF should follow the colour edge more than the raw noisy logits do
+    assert (out.argmax(0) != F.interpolate(logits[None], (30, 40), mode="bilinear")[0].argmax(0).numpy()).any()
+
+
+def test_batched_equals_single_in_pool_and_in_process():
+    pairs = [make_inputs(s) for s in range(3)]
+    images = torch.stack([p[0] for p in pairs])
+    logits = torch.stack([p[1] for p in pairs])
+    singles = [dense_crf(i, lg) for i, lg in pairs]
+    pooled = batched_dense_crf(images, logits, workers=2)
+    inproc = batched_dense_crf(images, logits, workers=1)
+    for s, p, q in zip(singles, pooled, inproc, strict=True):
+        assert np.array_equal(s, p) and np.array_equal(s, q)
+
+
+def _hang_on_four_classes(bgr: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Stand-in for a stuck worker: never finishes on 4-class inputs."""
+    if probs.shape[0] == 4:
+        time.sleep(600)
+    return ORIGINAL_CRF(bgr, probs)
+
+
+def test_tiny_timeout_returns_none_with_warning_and_pool_recovers():
+    pairs = [make_inputs(s) for s in range(2)]
+    images, logits = [p[0] for p in pairs], [p[1] for p in pairs]
+    with CRFPool(workers=2) as pool:
+        with pytest.warns(RuntimeWarning, match="timed out"):
+            out = batched_dense_crf(images, logits, pool=pool, timeout_s=1e-9)
+        assert out == [None, None]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            again = pool.run(images, logits, timeout_s=60.0)
+    assert np.array_equal(again[1], dense_crf(*pairs[1]))
+
+
+def test_stuck_worker_is_killed_and_other_images_finish(monkeypatch):
+    monkeypatch.setattr(crf_module, "crf_from_probs", _hang_on_four_classes)  # forked workers inherit it
+    pairs = [make_inputs(0), make_inputs(1, c=4), make_inputs(2), make_inputs(3)]
+    images, logits = [p[0] for p in pairs], [p[1] for p in pairs]
+    with CRFPool(workers=2) as pool, pytest.warns(RuntimeWarning, match=r"image\(s\) \[1\]"):
+        out = pool.run(images, logits, timeout_s=1.0)
+    assert out[1] is None
+    for i in (0, 2, 3):
+        assert np.array_equal(out[i], ORIGINAL_CRF(*crf_module._prepare(*pairs[i])))
+
+
+def test_bad_shapes_are_clear_errors():
+    image, logits = make_inputs(0)
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        dense_crf(image[:2], logits)
+    with pytest.raises(ValueError, match="one per image"):
+        batched_dense_crf([image], [logits, logits])
