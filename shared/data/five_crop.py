@@ -25,10 +25,13 @@ class FiveCropDataset(SegmentationDataset):
     crop_type = "five"
 
     def __init__(self, base_cls: type[SegmentationDataset], data_root: Path, split: str, *,
-                 resolution: int = 224, on_bad: str = "error") -> None:
+                 resolution: int = 224, on_bad: str = "error", n_classes: int | None = None,
+                 class_names: tuple[str, ...] | None = None, ignore_id: int | None = None) -> None:
+        del ignore_id  # crops store id + 1 with 0 = ignore, whatever the source's ignore id was
         self.name = base_cls.name
-        self.n_classes = base_cls.n_classes
-        self.class_names = base_cls.class_names
+        self.n_classes = int(n_classes) if n_classes is not None else base_cls.n_classes
+        self.class_names = tuple(class_names) if class_names else (
+            base_cls.class_names or tuple(f"class_{i}" for i in range(self.n_classes)))
         super().__init__(five_crop_dir(data_root, base_cls.name), split, resolution=resolution, on_bad=on_bad)
         make = f"python -m shared.data.prepare five_crop --dataset {self.name} --split {split} " \
                f"--src {data_root} --dst {data_root}"

@@ -1,0 +1,107 @@
+"""STEGO's nearest-neighbour files: for each image of a split, the 30 most similar images (self first).
+
+Similarity: cosine between L2-normalised, spatially averaged backbone features of the dataset's view
+(resolution 224 centre crop by default). Stored as `nns_<backbone>_<dataset>_<split>_<crop>_<res>.npz`, key `nns`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+
+def knn_path(backbone, dataset, nns_dir: str | os.PathLike = "cache/nns") -> Path:
+    name = f"nns_{backbone.name}_{dataset.name}_{dataset.split}_{dataset.crop_type}_{dataset.resolution}.npz"
+    return Path(nns_dir) / name.replace("/", "_")
+
+
+@torch.no_grad()
+def pooled_features(backbone, dataset, *, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+    """(N, C) float32: spatial mean of backbone features, L2-normalised; backbone in eval mode."""
+    was_training = getattr(backbone, "training", False)
+    if hasattr(backbone, "eval"):
+        backbone.eval()  # the original left dropout on here by mistake
+    try:
+        device = next(backbone.parameters()).device
+    except (AttributeError, StopIteration):
+        device = torch.device("cpu")
+    pooled = []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    try:
+        for batch in tqdm(loader, desc=f"knn features {dataset.name}/{dataset.split}", disable=not progress):
+            feats = backbone(batch["image"].to(device))  # (B, C, h, w)
+            pooled.append(feats.float().mean(dim=(2, 3)).cpu())
+    finally:
+        if was_training and hasattr(backbone, "train"):
+            backbone.train()
+    return F.normalize(torch.cat(pooled), dim=1)
+
+
+def topk_cosine(features: torch.Tensor, k: int, *, chunk_size: int = 256) -> np.ndarray:
+    """(N, k) int64 indices of the k most similar rows of L2-normalised `features` (N, C), row i first in row i.
+
+    Memory stays at chunk_size x N similarities. Self is forced to position 0 (similarity +inf) so that
+    duplicate images cannot displace it.
+    """
+    n = features.shape[0]
+    if k > n:
+        raise ValueError(f"k={k} neighbours asked for but the split has only {n} images; pass a smaller k.")
+    out = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        sims = features[start:stop] @ features.T  # (chunk, N)
+        rows = torch.arange(stop - start)
+        sims[rows, rows + start] = float("inf")
+        out[start:stop] = sims.topk(k, dim=1).indices.numpy()
+    return out
+
+
+def _stored_matches(path: Path, backbone, dataset, k: int) -> np.ndarray | None:
+    """The stored nns if they were made with this backbone/weights/layer/files and at least k columns."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            same = (
+                str(data["weights_id"]) == str(backbone.weights_id) and int(data["layer"]) == int(backbone.layer)
+                and str(data["cache_id"]) == dataset.cache_id
+            )  # fmt: skip
+            nns = data["nns"]
+    except (OSError, KeyError, ValueError):
+        return None  # a file from elsewhere (e.g. STEGO's own) without our provenance: recompute
+    if not same or nns.shape[0] != len(dataset) or nns.shape[1] < k:
+        return None
+    return nns[:, :k].astype(np.int64)
+
+
+def _save(path: Path, nns: np.ndarray, backbone, dataset) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, nns=nns, weights_id=np.array(str(backbone.weights_id)), layer=np.array(int(backbone.layer)),
+                 cache_id=np.array(dataset.cache_id))
+    os.replace(tmp, path)
+
+
+def load_or_compute_knn(backbone, dataset, *, k: int = 30, nns_dir: str | os.PathLike = "cache/nns",
+                        batch_size: int = 16, chunk_size: int = 256, progress: bool = True) -> np.ndarray:
+    """(N, k) int64 neighbour indices, self first; loaded from `nns_dir` or computed (rank 0) and saved."""
+    path = knn_path(backbone, dataset, nns_dir)
+    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if dist_on else 0
+    nns = _stored_matches(path, backbone, dataset, k) if path.exists() else None
+    if nns is None and rank == 0:
+        feats = pooled_features(backbone, dataset, batch_size=batch_size, progress=progress)
+        nns = topk_cosine(feats, k, chunk_size=chunk_size)
+        _save(path, nns, backbone, dataset)
+    if dist_on:
+        torch.distributed.barrier()
+        if nns is None:
+            nns = _stored_matches(path, backbone, dataset, k)
+            if nns is None:
+                raise RuntimeError(f"kNN file {path} is missing or does not match after rank 0 computed it.")
+    return nns

@@ -1,0 +1,1 @@
+"""Dataset preparation CLIs: `python -m shared.data.prepare <cocostuff|cityscapes|potsdam|camvid|five_crop|knn>`."""

@@ -1,0 +1,67 @@
+"""`prepare cocostuff`: COCO 2017 images + stuffthingmaps -> `cocostuff/{images,annotations,curated}/`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path, PurePosixPath
+
+from shared.data.cocostuff import DEFAULT_LISTS
+from shared.data.prepare.common import extract_members, fail
+
+SPLITS = ("train2017", "val2017")
+
+
+def normalise_id(token: str) -> str:
+    """'9', '000000000009' or '000000000009.jpg' -> '000000000009' (COCO ids are zero-padded to 12 digits)."""
+    stem = PurePosixPath(token.strip()).stem
+    return stem.zfill(12) if stem.isdigit() else stem
+
+
+def read_ids(path: Path) -> list[str]:
+    if not path.is_file():
+        fail(f"--ids-file {path} not found.")
+    return [normalise_id(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--src", type=Path, required=True,
+                        help="folder with train2017.zip, val2017.zip and stuffthingmaps_trainval2017.zip")
+    parser.add_argument("--dst", type=Path, required=True, help="data root; writes <dst>/cocostuff/")
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    parser.add_argument("--ids-file", type=Path, help="ids (one per line) to write as a curated list")
+    parser.add_argument("--ids-split", default="val2017", choices=SPLITS, help="split the --ids-file belongs to")
+    parser.add_argument("--list-name", help="curated list file name (default: the split's standard list)")
+    parser.add_argument("--only-listed", action="store_true", help="extract only the --ids-file images of its split")
+    parser.add_argument("--lists-only", action="store_true", help="only write the curated list, extract nothing")
+
+
+def write_curated_list(root: Path, ids: list[str], split: str, list_name: str | None) -> Path:
+    path = root / "curated" / split / (list_name or DEFAULT_LISTS[split])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{i}\n" for i in ids))
+    return path
+
+
+def run(args: argparse.Namespace) -> None:
+    root = args.dst / "cocostuff"
+    ids = read_ids(args.ids_file) if args.ids_file else None
+    if ids is not None:
+        print(f"wrote {len(ids)} ids to {write_curated_list(root, ids, args.ids_split, args.list_name)}")
+    if args.lists_only:
+        return
+    if args.only_listed and ids is None:
+        fail("--only-listed needs --ids-file.")
+    for split in args.splits:
+        keep = set(ids) if (args.only_listed and split == args.ids_split) else None
+
+        def target(name: str, folder: str, suffix: str, split: str = split, keep: set | None = keep) -> Path | None:
+            member = PurePosixPath(name)
+            if member.parent.name != split or member.suffix != suffix or (keep and member.stem not in keep):
+                return None
+            return root / folder / split / member.name
+
+        n = extract_members(args.src / f"{split}.zip", lambda m: target(m, "images", ".jpg"), f"images {split}")
+        print(f"{split}: {n} images written")
+        n = extract_members(args.src / "stuffthingmaps_trainval2017.zip", lambda m: target(m, "annotations", ".png"),
+                            f"labels {split}")
+        print(f"{split}: {n} label maps written")
