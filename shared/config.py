@@ -460,7 +460,7 @@ def save_resolved_config(cfg: Any, run_dir: str | os.PathLike) -> Path:
     data = config_to_dict(cfg)
     data["git_commit"] = git_commit()
     data["git_dirty"] = git_dirty()
-    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     path = run_dir / "config.yaml"
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.yaml.", suffix=".tmp")
     try:
