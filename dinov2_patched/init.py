@@ -15,7 +15,7 @@ RANDOM_WEIGHTS_ID = "random-seed0"
 def init_random_weights(model: VisionTransformer, seed: int = 0) -> None:
     """Fills every parameter in place from a local generator seeded with `seed`, in the official style.
 
-    pos_embed and Linear weights: truncated normal (std 0.02); cls/register tokens: normal (std 1e-6);
+    pos_embed and Linear weights: normal (std 0.02) folded into +-2 std; cls/register tokens: normal (std 1e-6);
     mask token and biases: 0; LayerNorm: 1 / 0; LayerScale: its init value; patch conv: PyTorch's default
     uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     """
@@ -26,7 +26,9 @@ def init_random_weights(model: VisionTransformer, seed: int = 0) -> None:
         tensor.copy_(sample.to(tensor.dtype))
 
     def trunc_normal(shape: torch.Size, std: float) -> torch.Tensor:
-        return nn.init.trunc_normal_(torch.empty(shape), std=std, a=-2 * std, b=2 * std, generator=generator)
+        # Normal with the tails beyond 2 std folded back in (fmod): ~10x faster than nn.init.trunc_normal_'s
+        # inverse-CDF sampling, which matters for building random ViT-L/g.
+        return torch.randn(shape, generator=generator).fmod_(2.0) * std
 
     fill(model.pos_embed, trunc_normal(model.pos_embed.shape, 0.02))
     fill(model.cls_token, torch.randn(model.cls_token.shape, generator=generator) * 1e-6)
