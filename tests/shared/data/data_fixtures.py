@@ -74,6 +74,7 @@ class FakeBackbone(torch.nn.Module):
         self.proj = torch.nn.Conv2d(3, dim, patch_size, stride=patch_size)
         with torch.no_grad():
             self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=gen))
+            self.proj.bias.copy_(torch.randn(self.proj.bias.shape, generator=gen))
         self.images_seen = 0
         self.fail_after: int | None = None  # raise once this many images were seen (an interrupted build)
 

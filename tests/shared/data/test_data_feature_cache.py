@@ -1,0 +1,110 @@
+"""Feature cache: atomic builds, hits without backbone calls, keys that follow what determines the features."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import FakeBackbone, make_folder
+
+from shared.data import build_dataset
+from shared.data.feature_cache import FeatureCache, cache_key
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    make_folder(tmp_path / "camvid", {f"f{i}": rng.integers(0, 12, size=(24, 32)) for i in range(5)})
+    return build_dataset("camvid", "train", data_root=tmp_path, resolution=16)
+
+
+def reference(backbone, dataset, flip=False) -> np.ndarray:
+    """Features computed directly, one image at a time."""
+    with torch.no_grad():
+        out = [backbone(dataset[i]["image"][None].flip(-1) if flip else dataset[i]["image"][None])
+               for i in range(len(dataset))]
+    return torch.cat(out).numpy()
+
+
+def test_build_then_hit_matches_fresh_computation(tmp_path, dataset):
+    backbone = FakeBackbone()
+    cache = FeatureCache(tmp_path / "cache")
+    built = cache.get(backbone, dataset, batch_size=2, progress=False)
+    expected = reference(FakeBackbone(), dataset)
+    assert built.features.dtype == np.float16 and built.features.shape == (5, 6, 2, 2) and len(built) == 5
+    np.testing.assert_allclose(built.features, expected, rtol=2e-3, atol=2e-3)
+    labels = np.stack([dataset[i]["label"].numpy() for i in range(5)])
+    assert built.labels.dtype == np.int16 and built.labels.shape == (5, 16, 16)
+    np.testing.assert_array_equal(built.labels, labels)
+    seen = backbone.images_seen
+    hit = cache.get(backbone, dataset, batch_size=2, progress=False)
+    assert backbone.images_seen == seen  # no backbone call on a hit
+    np.testing.assert_array_equal(hit.features, built.features)
+    assert hit.key == built.key and hit.meta["n_images"] == 5
+
+
+def test_flip_features_are_of_the_flipped_images_labels_unflipped(tmp_path, dataset):
+    cached = FeatureCache(tmp_path / "cache").get(FakeBackbone(), dataset, flip=True, progress=False)
+    np.testing.assert_allclose(cached.features, reference(FakeBackbone(), dataset, flip=True), rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(cached.labels[0], dataset[0]["label"].numpy())
+
+
+def test_interrupted_build_is_never_taken_as_complete(tmp_path, dataset):
+    cache = FeatureCache(tmp_path / "cache")
+    backbone = FakeBackbone()
+    backbone.fail_after = 2
+    with pytest.raises(KeyboardInterrupt):
+        cache.get(backbone, dataset, batch_size=2, progress=False)
+    assert not cache.path_for(backbone, dataset).exists()
+    assert list((tmp_path / "cache").iterdir()) == []  # the partial folder was removed
+    backbone.fail_after, backbone.images_seen = None, 0
+    done = cache.get(backbone, dataset, batch_size=2, progress=False)
+    assert backbone.images_seen == 5
+    np.testing.assert_allclose(done.features, reference(FakeBackbone(), dataset), rtol=2e-3, atol=2e-3)
+
+
+def test_leftover_of_a_killed_build_is_ignored_and_removed(tmp_path, dataset):
+    cache = FeatureCache(tmp_path / "cache")
+    backbone = FakeBackbone()
+    key = cache_key(backbone, dataset)
+    dead_pid = 2**22 + 12345  # above the default pid_max, so no process has it
+    stale = tmp_path / "cache" / f"{key}.tmp-{dead_pid}"
+    stale.mkdir(parents=True)
+    (stale / "features.f16").write_bytes(b"\0" * 10)
+    cache.get(backbone, dataset, progress=False)
+    assert not stale.exists() and backbone.images_seen == 5
+
+
+def test_inconsistent_final_folder_is_rebuilt(tmp_path, dataset):
+    cache = FeatureCache(tmp_path / "cache")
+    backbone = FakeBackbone()
+    path = cache.get(backbone, dataset, progress=False).path
+    with open(path / "features.f16", "r+b") as f:
+        f.truncate(8)
+    with pytest.warns(UserWarning, match="incomplete"):
+        again = cache.get(backbone, dataset, progress=False)
+    assert backbone.images_seen == 10 and again.features.shape == (5, 6, 2, 2)
+    assert json.loads((path / "meta.json").read_text())["features_shape"] == [5, 6, 2, 2]
+
+
+def test_key_changes_with_weights_flip_layer_and_dataset(tmp_path, dataset):
+    base = cache_key(FakeBackbone(), dataset)
+    assert cache_key(FakeBackbone(), dataset) == base
+    assert cache_key(FakeBackbone(weights_id="other"), dataset) != base
+    assert cache_key(FakeBackbone(layer=-2), dataset) != base
+    assert cache_key(FakeBackbone(), dataset, flip=True) != base
+    bf16 = FakeBackbone()
+    bf16.use_bf16 = True
+    assert cache_key(bf16, dataset) != base
+    other_res = build_dataset("camvid", "train", data_root=dataset.root.parent, resolution=24)
+    assert cache_key(FakeBackbone(), other_res) != base
+
+
+def test_unlabelled_dataset_has_no_labels_file(tmp_path):
+    make_folder(tmp_path / "plain", {"a": None, "b": None})
+    ds = build_dataset("folder", "train", data_root=tmp_path / "plain", resolution=16)
+    cached = FeatureCache(tmp_path / "cache").get(FakeBackbone(), ds, progress=False)
+    assert cached.labels is None and not os.path.exists(cached.path / "labels.i16")
