@@ -1,0 +1,125 @@
+"""Frozen featurizer: a DINO / DINOv2 backbone by name that maps normalised images to feature maps.
+
+backbone = build_backbone("dinov2_vits14")           # official weights, bf16 where the hardware has it
+features = backbone(images)                          # (B, 384, H/14, W/14) float32
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dinov2_patched import RANDOM_WEIGHTS_ID, VisionTransformer, build_model
+
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to confirm native bf16, so stay in float32
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def bf16_supported(device: str | torch.device = "cpu") -> bool:
+    """Whether bf16 autocast is fast on `device`: CUDA with bf16, or a CPU with AVX512 plus AVX512-BF16 or AMX.
+
+    On CPUs without native bf16 instructions autocast is emulated and slower than float32, hence the check.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AVX512" in capability.upper() and bool(_cpu_flags() & set(_CPU_BF16_FLAGS))
+
+
+class FrozenBackbone(nn.Module):
+    """A ViT in eval mode without gradients; every call runs under no_grad and returns float32.
+
+    Attributes: name, patch_size, feature_dim, layer (block index, negative counts from the end),
+    weights_id, pretrained (real weights loaded), use_bf16 (bf16 autocast on).
+    """
+
+    def __init__(self, model: VisionTransformer, *, layer: int = -1, force_float32: bool = False) -> None:
+        super().__init__()
+        model.block_indices([layer])  # ValueError for a layer the model does not have
+        self.model = model.eval().requires_grad_(False)
+        self.name = model.model_name
+        self.patch_size = model.patch_size
+        self.feature_dim = model.embed_dim
+        self.layer = layer
+        self.weights_id = model.weights_id
+        self.pretrained = model.weights_id != RANDOM_WEIGHTS_ID
+        self.use_bf16 = bf16_supported(self.device) and not force_float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.cls_token.device
+
+    def train(self, mode: bool = True) -> "FrozenBackbone":
+        """Always stays in eval mode: the backbone is frozen."""
+        return super().train(False)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def _grid(self, images: torch.Tensor) -> tuple[int, int]:
+        return images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """ImageNet-normalised images (B, 3, H, W) -> normed patch tokens of block `layer` (B, C, H/p, W/p)."""
+        with self._autocast():
+            (features,) = self.model.get_intermediate_layers(images, n=[self.layer], reshape=True, norm=True)
+        return features.float()
+
+    @torch.no_grad()
+    def keys(self, images: torch.Tensor, blocks: tuple[int, ...] = (-3, -2, -1)) -> torch.Tensor:
+        """Attention keys of `blocks`, heads merged, patches only: (B, len(blocks) * C, H/p, W/p)."""
+        grid_h, grid_w = self._grid(images)
+        first_patch = 1 + self.model.num_register_tokens
+        with self._autocast():
+            maps = self.model.get_block_qkv(images, blocks)
+        merged = []
+        for block_maps in maps:
+            keys = block_maps.k[:, :, first_patch:]  # (B, heads, N, hd)
+            batch, heads, tokens, head_dim = keys.shape
+            keys = keys.permute(0, 1, 3, 2).reshape(batch, heads * head_dim, grid_h, grid_w)  # (B, C, h, w)
+            merged.append(keys.float())
+        return torch.cat(merged, dim=1)
+
+    @torch.no_grad()
+    def last_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of the last block over all tokens [CLS, registers, patches]: (B, heads, T, T)."""
+        with self._autocast():
+            attention = self.model.get_last_selfattention(images)
+        return attention.float()
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def build_backbone(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    *,
+    layer: int = -1,
+    force_float32: bool = False,
+    device: str | torch.device = "cpu",
+) -> FrozenBackbone:
+    """Frozen backbone `name` (a dinov2_patched.MODEL_NAMES entry); `weights` as in dinov2_patched.build_model.
+
+    device may be "auto" (CUDA when available). force_float32 turns bf16 autocast off.
+    """
+    model = build_model(name, weights).to(_resolve_device(device))
+    return FrozenBackbone(model, layer=layer, force_float32=force_float32)

@@ -1,0 +1,91 @@
+"""shared.backbone: the frozen featurizer (tiny random ViTs, CPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import shared.backbone as backbone_module
+from dinov2_patched import VisionTransformer
+from dinov2_patched.init import init_random_weights
+from shared.backbone import FrozenBackbone, bf16_supported, build_backbone
+
+
+def tiny_vit(registers: int = 4) -> VisionTransformer:
+    model = VisionTransformer(patch_size=4, embed_dim=32, depth=4, num_heads=4, num_register_tokens=registers,
+                              pos_grid=6, pos_interpolation="size_antialias" if registers else "offset",
+                              model_name="tiny")
+    init_random_weights(model)
+    model.weights_id = "random-seed0"
+    return model
+
+
+def test_frozen_outputs_and_attributes():
+    frozen = FrozenBackbone(tiny_vit(), layer=-2, force_float32=True)
+    images = torch.randn(2, 3, 16, 24)
+    frozen.train()  # must stay frozen
+    features = frozen(images)
+    assert not frozen.training and not frozen.model.training
+    assert all(not p.requires_grad for p in frozen.parameters())
+    assert features.shape == (2, 32, 4, 6) and features.dtype == torch.float32 and not features.requires_grad
+    with torch.no_grad():
+        (expected,) = frozen.model.get_intermediate_layers(images, n=[2], reshape=True)
+    assert torch.equal(features, expected)
+    assert (frozen.name, frozen.patch_size, frozen.feature_dim, frozen.layer) == ("tiny", 4, 32, -2)
+    assert frozen.weights_id == "random-seed0" and frozen.pretrained is False and frozen.use_bf16 is False
+
+
+def test_keys_merge_heads_of_requested_blocks():
+    frozen = FrozenBackbone(tiny_vit(), force_float32=True)
+    images = torch.randn(1, 3, 8, 12)  # grid 2 x 3
+    keys = frozen.keys(images, blocks=(1, -1))
+    with torch.no_grad():
+        qkv = frozen.model.forward_features(images, return_qkv=True)["qkv"]
+    assert keys.shape == (1, 2 * 32, 2, 3)
+    heads, head_dim = 4, 8
+    for slot, block in enumerate((1, 3)):
+        k = qkv[block][1]  # (B, heads, T, hd), T = 1 + 4 registers + 6 patches
+        for h in range(heads):
+            channels = keys[0, slot * 32 + h * head_dim : slot * 32 + (h + 1) * head_dim]  # (hd, 2, 3)
+            assert torch.allclose(channels[:, 1, 2], k[0, h, 5 + 1 * 3 + 2], atol=1e-6)
+
+
+def test_last_attention():
+    frozen = FrozenBackbone(tiny_vit(registers=0), force_float32=True)
+    attention = frozen.last_attention(torch.randn(2, 3, 8, 8))
+    assert attention.shape == (2, 4, 5, 5) and attention.dtype == torch.float32
+    assert torch.allclose(attention.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_invalid_layer():
+    with pytest.raises(ValueError, match="Block index 4"):
+        FrozenBackbone(tiny_vit(), layer=4)
+
+
+def test_build_backbone_random_weights():
+    frozen = build_backbone("dino_vits16", weights="none", layer=-1, force_float32=True)
+    assert (frozen.name, frozen.patch_size, frozen.feature_dim) == ("dino_vits16", 16, 384)
+    assert frozen.pretrained is False and frozen.weights_id == "random-seed0"
+    assert frozen(torch.randn(1, 3, 32, 48)).shape == (1, 384, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("capability", "flags", "expected"),
+    [("AVX512", {"avx512_bf16"}, True), ("AVX512", {"amx_bf16"}, True), ("AVX512", set(), False),
+     ("AVX2", {"avx512_bf16"}, False)],
+)
+def test_bf16_detection_on_cpu(monkeypatch, capability, flags, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(backbone_module, "_cpu_flags", lambda: flags)
+    assert bf16_supported("cpu") is expected
+
+
+@pytest.mark.skipif(not bf16_supported("cpu"), reason="this CPU has no native bf16")
+def test_bf16_close_to_float32():
+    model = tiny_vit()
+    images = torch.randn(2, 3, 16, 24)
+    fast, exact = FrozenBackbone(model), FrozenBackbone(model, force_float32=True)
+    assert fast.use_bf16 and not exact.use_bf16
+    low, high = fast(images), exact(images)
+    assert low.dtype == torch.float32
+    assert not torch.equal(low, high)  # bf16 really ran
+    assert F.cosine_similarity(low, high, dim=1).min() > 0.99
