@@ -1,0 +1,135 @@
+"""The pieces of one STEGO training step: the index stream, kNN partners, the step itself.
+
+Kept apart from `train.py` so that tests can drive a tiny training run on fake cached features without the
+run-directory plumbing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from shared.probes import ClusterProbe, LinearProbe
+from stego.config import StegoConfig
+from stego.losses import correspondence_loss
+from stego.model import StegoHead
+
+
+class IndexStream:
+    """Per-rank batch indices as a function of the step, so a resumed run sees the same batches.
+
+    A `DistributedSampler` (shuffled, seeded, `set_epoch` per epoch) splits each epoch's permutation across
+    ranks; a step reads one slice of `batch_size` indices of its rank's share.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        if n_items < 2 * world_size:
+            raise ValueError(f"the training split has {n_items} images; STEGO needs at least 2 per process "
+                             f"({world_size} processes) to draw negative pairs.")
+        self.sampler = DistributedSampler(range(n_items), num_replicas=world_size, rank=rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.batch_size = min(batch_size, len(self.sampler))
+        self.steps_per_epoch = len(self.sampler) // self.batch_size
+        self._epoch, self._order = -1, np.zeros(0, dtype=np.int64)
+
+    def batch(self, step: int) -> np.ndarray:
+        """Indices (B,) of the images of `step` on this rank."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch, self._order = epoch, np.fromiter(iter(self.sampler), dtype=np.int64)
+        return self._order[position * self.batch_size:(position + 1) * self.batch_size]
+
+
+def knn_partners(knn: np.ndarray, indices: np.ndarray, top: int, rng: np.random.Generator) -> np.ndarray:
+    """For each index, one of its `top` nearest neighbours drawn uniformly, never the image itself.
+
+    knn: (N, K) neighbour indices, self first. Returns (B,) int64.
+    """
+    partners = np.empty(len(indices), dtype=np.int64)
+    for n, index in enumerate(indices):
+        row = knn[index]
+        candidates = row[row != index][:top]  # robust to ties that move `index` away from column 0
+        if len(candidates) == 0:
+            raise ValueError(f"kNN row {index} lists no neighbour other than the image itself; recompute the kNN file.")
+        partners[n] = candidates[rng.integers(len(candidates))]
+    return partners
+
+
+def build_modules(cfg: StegoConfig, feature_dim: int, n_classes: int) -> nn.ModuleDict:
+    """Head plus the two probes, in one container so a checkpoint holds all three."""
+    return nn.ModuleDict({
+        "head": StegoHead(feature_dim, cfg.code_dim, dropout=cfg.dropout, nonlinear=cfg.nonlinear),
+        "linear_probe": LinearProbe(cfg.code_dim, n_classes),
+        "cluster_probe": ClusterProbe(cfg.code_dim, n_classes, n_extra=cfg.n_extra_clusters),
+    })
+
+
+def build_optimizers(cfg: StegoConfig, modules: nn.ModuleDict) -> dict[str, torch.optim.Optimizer]:
+    """One Adam per part (head 5e-4, probes 5e-3 in the paper), no schedule."""
+    return {
+        "head": torch.optim.Adam(modules["head"].parameters(), lr=cfg.lr_head),
+        "linear_probe": torch.optim.Adam(modules["linear_probe"].parameters(), lr=cfg.lr_linear),
+        "cluster_probe": torch.optim.Adam(modules["cluster_probe"].parameters(), lr=cfg.lr_cluster),
+    }
+
+
+def step_losses(modules: nn.ModuleDict, head: nn.Module, feats: torch.Tensor, feats_knn: torch.Tensor,
+                labels: torch.Tensor | None, cfg: StegoConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one step. `head` is the (possibly DDP-wrapped) head.
+
+    feats, feats_knn: (B, C, h, w) backbone features of the images and their kNN partners;
+    labels: (B, H, W) with -1 = ignore, or None when the split has none (the linear probe is then skipped).
+    """
+    batch = feats.shape[0]
+    signal_all, code_all = head(torch.cat([feats, feats_knn]))  # one forward: DDP sees a single call
+    signal, signal_knn = signal_all[:batch], signal_all[batch:]
+    code, code_knn = code_all[:batch], code_all[batch:]
+    corr, terms = correspondence_loss(
+        signal, signal_knn, code, code_knn, cfg.loss_weights(), feature_samples=cfg.feature_samples,
+        neg_samples=cfg.neg_samples, pointwise=cfg.pointwise, zero_clamp=cfg.zero_clamp, stabilize=cfg.stabilize)
+
+    detached = code.detach()  # the probes never move the head
+    cluster_loss, _ = modules["cluster_probe"](detached, None)
+    linear_loss = torch.zeros((), device=feats.device)
+    if labels is not None:
+        linear_probe = modules["linear_probe"]
+        linear_loss = linear_probe.loss(linear_probe(detached), labels)
+    total = corr + linear_loss + cluster_loss
+    logs = {"loss/total": total.detach(), "loss/correspondence": corr.detach(), "loss/linear": linear_loss.detach(),
+            "loss/cluster": cluster_loss.detach(), "loss/self": terms["self"], "loss/knn": terms["knn"],
+            "loss/rand": terms["rand"]}
+    return total, logs
+
+
+def apply_gradients(total: torch.Tensor, modules: nn.ModuleDict, optimizers: dict[str, torch.optim.Optimizer],
+                    all_reduce_sum=None, world_size: int = 1) -> None:
+    """Backward and one step of every optimizer.
+
+    The head's gradients are averaged by DDP; the probes are not wrapped, so their gradients are summed with
+    `all_reduce_sum` and divided by the world size here.
+    """
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if all_reduce_sum is not None and world_size > 1:
+        for name in ("linear_probe", "cluster_probe"):
+            for param in modules[name].parameters():
+                if param.grad is not None:
+                    all_reduce_sum(param.grad)
+                    param.grad /= world_size
+    for optimizer in optimizers.values():
+        optimizer.step()
+
+
+def head_outputs(modules: nn.ModuleDict, alpha: float):
+    """`features (B, C, h, w) -> {code, cluster_logits, linear_logits}` for evaluation (dropout off)."""
+
+    def head_fn(feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, code = modules["head"](feats)
+        _, cluster_logits = modules["cluster_probe"](code, alpha)
+        return {"code": code, "cluster_logits": cluster_logits, "linear_logits": modules["linear_probe"](code)}
+
+    return head_fn

@@ -1,0 +1,107 @@
+"""STEGO's training step on fake cached features: partners, gradients, the index stream, and learning."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from stego_synthetic import knn_of, make_synthetic
+
+from shared.metrics import segmentation_scores
+from stego.config import StegoConfig
+from stego.steps import (
+    IndexStream,
+    apply_gradients,
+    build_modules,
+    build_optimizers,
+    head_outputs,
+    knn_partners,
+    step_losses,
+)
+
+
+def test_knn_partner_is_never_the_image_itself():
+    rng = np.random.default_rng(0)
+    knn = np.stack([rng.permutation(20)[:10] for _ in range(20)])
+    knn[:, 0] = np.arange(20)
+    knn[3] = [7, 3, 1, 2, 4, 5, 6, 8, 9, 10]  # ties can move the image away from column 0
+    drawn = {i: set() for i in range(20)}
+    for _ in range(200):
+        indices = rng.integers(0, 20, size=8)
+        partners = knn_partners(knn, indices, 7, rng)
+        assert not (partners == indices).any()
+        for i, p in zip(indices, partners, strict=True):
+            drawn[i].add(int(p))
+    assert drawn[3] <= {7, 1, 2, 4, 5, 6, 8}
+    assert all(len(v) == 7 for v in drawn.values() if v)  # uniform over the top 7: all of them show up
+
+
+def test_knn_row_with_only_the_image_is_an_error():
+    with pytest.raises(ValueError, match="kNN row 0"):
+        knn_partners(np.zeros((1, 3), dtype=np.int64), np.array([0]), 7, np.random.default_rng(0))
+
+
+def test_index_stream_is_a_function_of_the_step_and_splits_ranks():
+    stream = IndexStream(40, 8, seed=3)
+    first_epoch = np.concatenate([stream.batch(s) for s in range(5)])
+    assert sorted(first_epoch.tolist()) == list(range(40))
+    assert not np.array_equal(stream.batch(5), stream.batch(0))  # a new shuffle per epoch
+    fresh = IndexStream(40, 8, seed=3)
+    assert np.array_equal(fresh.batch(7), stream.batch(7))  # what a resumed run sees
+    ranks = [IndexStream(40, 4, rank=r, world_size=2, seed=3) for r in range(2)]
+    share = [np.concatenate([s.batch(i) for i in range(5)]) for s in ranks]
+    assert not set(share[0]) & set(share[1])
+    with pytest.raises(ValueError, match="at least 2 per process"):
+        IndexStream(1, 8)
+
+
+def _batch(data, knn, indices, rng):
+    partners = knn_partners(knn, indices, 7, rng)
+    feats = torch.from_numpy(data.features[indices].astype(np.float32))
+    feats_knn = torch.from_numpy(data.features[partners].astype(np.float32))
+    return feats, feats_knn, torch.from_numpy(data.labels[indices].astype(np.int64))
+
+
+def test_every_trainable_parameter_receives_a_gradient():
+    torch.manual_seed(0)
+    data = make_synthetic(n_images=8)
+    knn = knn_of(data)
+    cfg = StegoConfig(code_dim=6, feature_samples=4, neg_samples=2)
+    modules = build_modules(cfg, data.features.shape[1], 4)
+    feats, feats_knn, labels = _batch(data, knn, np.arange(4), np.random.default_rng(0))
+    total, logs = step_losses(modules.train(), modules["head"], feats, feats_knn, labels, cfg)
+    total.backward()
+    for name, param in modules.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        assert torch.isfinite(param.grad).all(), name
+    assert float(logs["loss/total"]) == pytest.approx(
+        float(logs["loss/correspondence"] + logs["loss/linear"] + logs["loss/cluster"]), rel=1e-5)
+
+
+def _train_and_score(data, knn, steps, train_head):
+    torch.manual_seed(0)
+    # Higher learning rates than the paper's so a few hundred tiny steps suffice.
+    cfg = StegoConfig(code_dim=8, batch_size=8, feature_samples=6, neg_samples=3, lr_head=5e-3, lr_cluster=5e-2)
+    modules = build_modules(cfg, data.features.shape[1], 4)
+    optimizers = build_optimizers(cfg, modules)
+    if not train_head:
+        optimizers["head"].param_groups[0]["lr"] = 0.0  # same probes and steps, frozen random head
+    stream, rng = IndexStream(len(data), cfg.batch_size, seed=0), np.random.default_rng(0)
+    for step in range(steps):
+        feats, feats_knn, labels = _batch(data, knn, stream.batch(step), rng)
+        total, _ = step_losses(modules.train(), modules["head"], feats, feats_knn, labels, cfg)
+        apply_gradients(total, modules, optimizers)
+    with torch.no_grad():
+        out = head_outputs(modules.eval(), 2.0)(torch.from_numpy(data.features.astype(np.float32)))
+    pred = F.interpolate(out["cluster_logits"], size=data.labels.shape[-2:], mode="bilinear").argmax(1)
+    return segmentation_scores(pred, torch.from_numpy(data.labels.astype(np.int64)), 4)["miou"]
+
+
+def test_tiny_stego_run_learns_the_planted_classes():
+    torch.set_num_threads(1)
+    data = make_synthetic(noise=0.4, seed=0)
+    knn = knn_of(data)
+    untrained = _train_and_score(data, knn, 200, train_head=False)
+    trained = _train_and_score(data, knn, 200, train_head=True)
+    # Seeds 0-3 of this setting give 85-92 trained against 27-34 untrained.
+    assert trained > 70
+    assert trained > untrained + 30
