@@ -32,7 +32,9 @@ def build_dataset(name: str, split: str, *, data_root: str | os.PathLike | None 
                   five_crop: bool = False, **options) -> SegmentationDataset:
     """Build a dataset by name. data_root: `data_root` or $USS_DATA or ./data ("folder": the folder itself).
 
-    options: on_bad="error"|"skip" for all; "folder" also takes n_classes, ignore_id, class_names;
+    options: on_bad="error" (a bad file raises BadSampleError when read) or "skip" (every sample is read once
+    now, bad ones are dropped with one warning; see ds.skipped / ds.n_skipped) for all datasets;
+    "folder" also takes n_classes, ignore_id (default 255), class_names;
     "cocostuff27" takes curated_list. five_crop=True reads `<data_root>/cropped/<name>_five_crop_0.5/`.
     """
     if name not in DATASETS:
