@@ -108,3 +108,22 @@ def test_unlabelled_dataset_has_no_labels_file(tmp_path):
     ds = build_dataset("folder", "train", data_root=tmp_path / "plain", resolution=16)
     cached = FeatureCache(tmp_path / "cache").get(FakeBackbone(), ds, progress=False)
     assert cached.labels is None and not os.path.exists(cached.path / "labels.i16")
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, data_root: str, cache_dir: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ds = build_dataset("camvid", "train", data_root=data_root, resolution=16)
+        backbone = FakeBackbone()
+        cached = FeatureCache(cache_dir).get(backbone, ds, progress=False)
+        np.save(os.path.join(out_dir, f"{rank}.npy"), np.array([backbone.images_seen, cached.features.sum()]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes each import torch: ~20 s on 2 cores
+def test_under_ddp_only_rank_0_builds(tmp_path, dataset):
+    torch.multiprocessing.spawn(_ddp_worker, nprocs=2, args=(2, str(tmp_path / "init"), str(dataset.root.parent),
+                                                            str(tmp_path / "cache"), str(tmp_path)))
+    rank0, rank1 = np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy")
+    assert rank0[0] == 5 and rank1[0] == 0 and rank0[1] == rank1[1]
