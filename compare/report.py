@@ -25,7 +25,7 @@ EXTRA_POLICY_TEXT = {
 }
 
 UNTRAINED_BANNER = (
-    "> **UNTRAINED BACKBONE.** The backbone used for {what} had random weights (no pretrained file was found). "
+    "> **UNTRAINED BACKBONE.** The backbone ({what}) had random weights, not pretrained ones. "
     "Every number in this report comes from an untrained backbone and says nothing about the methods' real quality."
 )
 
@@ -162,7 +162,7 @@ def header_lines(header: dict) -> list[str]:
         f"- resolution: {header.get('resolution')} (short side resized with nearest, centre crop)",
     ]
     for group in header.get("backbones", []):
-        state = "UNTRAINED (random weights)" if group.get("pretrained") is False else "pretrained"
+        state = "UNTRAINED: random weights" if group.get("pretrained") is False else "pretrained"
         lines.append(
             f"- backbone: `{group.get('name')}` layer {group.get('layer')}, weights `{group.get('weights_id')}` "
             f"({state}); {group.get('images_per_s', float('nan')):.3g} images/s measured once for the backbone alone"
@@ -170,7 +170,8 @@ def header_lines(header: dict) -> list[str]:
     lines += [
         "- metric policy: unsupervised = Hungarian matching of clusters to classes over the whole split, "
         f"extra clusters `{policy}` ({EXTRA_POLICY_TEXT.get(policy, policy)}); linear = identity mapping; "
-        "code averaged with its horizontal flip; Acc and mIoU in percent",
+        "logits averaged over the image and its horizontal flip, then upsampled bilinearly to the label size; "
+        "Acc and mIoU in percent",
         f"- CRF: {'dense CRF on the upsampled cluster probabilities' if header.get('crf') else 'not run (--no-crf)'}",
         f"- images/s: the head alone (cached features of the image and its flip -> class map), batch "
         f"{header.get('batch_size')}, device `{header.get('device')}`",

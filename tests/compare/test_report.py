@@ -29,7 +29,7 @@ def test_table_row_values_and_failed_row():
 def test_untrained_backbone_is_labelled_loudly_and_pretrained_is_not():
     text = report.render_markdown(HEADER, [OK])
     assert text.count("UNTRAINED BACKBONE") == 2  # above and below the table
-    assert "random-seed0" in text and "UNTRAINED (random weights)" in text
+    assert "random-seed0" in text and "UNTRAINED: random weights" in text
     pretrained = dict(HEADER, backbones=[dict(HEADER["backbones"][0], pretrained=True, weights_id="abc")])
     assert "UNTRAINED" not in report.render_markdown(pretrained, [dict(OK, pretrained_backbone=True)])
 

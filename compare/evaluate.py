@@ -1,0 +1,211 @@
+"""The comparison's evaluation loop: load exported segmenters, check they share a backbone, score each one.
+
+Every method is scored on the same cached features (image and horizontal flip), the same labels and the same
+metric policy by `shared.evaluation.evaluate_head`. A second pass over the features, with the Hungarian mapping
+found by the first, measures the head's throughput and peak memory, accumulates calibration (ECE/NLL) and keeps
+the class maps of the images shown in the figure. A method that raises anywhere is recorded as failed with the
+first line of its error; the others still run.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compare.head_pass import head_pass, synchronize, upsample_logits
+
+SEGMENTER_RELATIVE = Path("export") / "segmenter.pt"
+
+
+@dataclass
+class LoadedMethod:
+    """One `--runs` entry: the segmenter when it loaded, else the error's first line."""
+
+    name: str
+    path: str
+    segmenter: Any = None
+    error: str = ""
+
+
+@dataclass
+class EvalOptions:
+    """What every method is evaluated with."""
+
+    n_classes: int
+    extra_policy: str = "error"
+    crf: bool = True
+    batch_size: int = 16
+    device: str = "cpu"
+
+
+@dataclass
+class MethodResult:
+    """One row of the comparison. Scores are dicts from `shared.metrics.segmentation_scores` (percent)."""
+
+    method: str
+    path: str
+    status: str = "failed"
+    error: str = ""
+    backbone: str = ""
+    backbone_weights_id: str = ""
+    pretrained_backbone: bool | None = None
+    feature_layer: int | None = None
+    probabilistic: bool = False
+    n_clusters: int | None = None
+    unsupervised: dict | None = None
+    crf: dict | None = None
+    linear: dict | None = None
+    calibration: dict | None = None
+    images_per_s: float | None = None
+    peak_memory_mib: float | None = None
+    # For the figure only, not serialised: (F, R, R) class ids (-1 = unmatched) and (F, R, R) uncertainty in [0, 1].
+    predictions: np.ndarray | None = field(default=None, repr=False)
+    uncertainty: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict without the figure arrays."""
+        out = asdict(self)
+        out.pop("predictions")
+        out.pop("uncertainty")
+        return out
+
+
+def first_line(error: BaseException) -> str:
+    """`TypeName: first line of the message`, what the report shows for a failed method."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def resolve_segmenter_path(run: str | Path) -> Path:
+    """A run directory (holding export/segmenter.pt) or a segmenter file -> the segmenter file."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / SEGMENTER_RELATIVE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass a run directory holding {SEGMENTER_RELATIVE} "
+                                "or the path of a segmenter.pt (train or export the method first)")
+    return path
+
+
+def _display_name(run: str, metadata: dict | None) -> str:
+    path = Path(run)
+    run_name = path.parent.parent.name if path.suffix == ".pt" else path.name
+    method = (metadata or {}).get("method") or (path.parent.parent.name if path.is_dir() else path.stem)
+    return f"{method}/{run_name}" if run_name and run_name != method else str(method)
+
+
+def load_methods(runs: Sequence[str]) -> list[LoadedMethod]:
+    """Load every run's segmenter with `shared.segmenter.load`; a failure is kept as a LoadedMethod with error."""
+    from shared.segmenter import load
+
+    methods = []
+    for run in runs:
+        try:
+            segmenter = load(resolve_segmenter_path(run))
+            methods.append(LoadedMethod(_display_name(run, segmenter.metadata), run, segmenter))
+        except Exception as error:  # noqa: BLE001 - any failure of one method must not stop the others
+            methods.append(LoadedMethod(_display_name(run, None), run, error=first_line(error)))
+    # Two runs of the same method are told apart by their path.
+    names = [m.name for m in methods]
+    for m in methods:
+        if names.count(m.name) > 1:
+            m.name = f"{m.name} ({m.path})"
+    return methods
+
+
+def backbone_key(metadata: dict) -> tuple[str, str, int]:
+    """(backbone name, weights id, feature layer): methods with equal keys share one feature cache."""
+    return (str(metadata["backbone"]), str(metadata["backbone_weights_id"]), int(metadata.get("feature_layer", -1)))
+
+
+def group_by_backbone(methods: Sequence[LoadedMethod], allow_mixed: bool) -> dict[tuple, list[LoadedMethod]]:
+    """Group the loaded methods by backbone; more than one backbone is an error unless `allow_mixed`."""
+    groups: dict[tuple, list[LoadedMethod]] = {}
+    for m in methods:
+        if m.segmenter is not None:
+            groups.setdefault(backbone_key(m.segmenter.metadata), []).append(m)
+    backbones = {(name, weights) for name, weights, _ in groups}
+    if len(backbones) > 1 and not allow_mixed:
+        listed = "; ".join(f"{m.path}: {k[0]} weights {k[1]}" for k, ms in groups.items() for m in ms)
+        raise ValueError(f"the runs use different backbones ({listed}); a fair comparison needs one backbone, "
+                         "so compare runs trained on the same backbone or pass --allow-mixed-backbones")
+    return groups
+
+
+def failed_result(method: LoadedMethod, error: str) -> MethodResult:
+    """The row of a method that could not be loaded or evaluated."""
+    result = MethodResult(method=method.name, path=method.path, error=error)
+    if method.segmenter is not None:
+        _fill_metadata(result, method.segmenter.metadata)
+    return result
+
+
+def _fill_metadata(result: MethodResult, meta: dict) -> None:
+    result.backbone = str(meta.get("backbone", ""))
+    result.backbone_weights_id = str(meta.get("backbone_weights_id", ""))
+    result.pretrained_backbone = meta.get("pretrained_backbone")
+    result.feature_layer = meta.get("feature_layer")
+    result.probabilistic = bool(meta.get("probabilistic", False))
+    result.n_clusters = meta.get("n_clusters")
+
+
+def evaluate_method(method: LoadedMethod, features: Any, flipped: Any, dataset: Any, options: EvalOptions,
+                    figure_indices: Sequence[int] = ()) -> MethodResult:
+    """Score one loaded method; any exception becomes a failed row (the traceback is printed for the user)."""
+    if method.segmenter is None:
+        return failed_result(method, method.error)
+    try:
+        return _evaluate(method, features, flipped, dataset, options, figure_indices)
+    except Exception as error:  # noqa: BLE001 - reported in the table, the comparison goes on
+        traceback.print_exc()
+        return failed_result(method, first_line(error))
+
+
+def _evaluate(method: LoadedMethod, features: Any, flipped: Any, dataset: Any, options: EvalOptions,
+              figure_indices: Sequence[int]) -> MethodResult:
+    from shared.evaluation import evaluate_head
+
+    segmenter = method.segmenter.to(options.device).eval()
+    meta = segmenter.metadata
+    result = MethodResult(method=method.name, path=method.path, status="ok")
+    _fill_metadata(result, meta)
+    n_clusters = int(meta["n_clusters"])
+    if int(meta.get("n_classes", options.n_classes)) != options.n_classes:
+        raise ValueError(f"{method.path} was trained for {meta['n_classes']} classes but the dataset has "
+                         f"{options.n_classes}; compare it on the dataset it was trained for")
+    scores = evaluate_head(segmenter, features, flipped=flipped, n_classes=options.n_classes, n_clusters=n_clusters,
+                           extra_policy=options.extra_policy, batch_size=options.batch_size,
+                           crf_images=dataset if options.crf else None, device=options.device)
+    result.unsupervised, result.linear, result.crf = scores["unsupervised"], scores.get("linear"), scores.get("crf")
+    measured = head_pass(segmenter, features, flipped, result.unsupervised["mapping"], options, figure_indices,
+                         probabilistic=result.probabilistic)
+    result.images_per_s = measured.images_per_s
+    result.peak_memory_mib = measured.peak_memory_mib
+    result.calibration = measured.calibration
+    result.predictions, result.uncertainty = measured.predictions, measured.uncertainty
+    return result
+
+
+def time_backbone(backbone: torch.nn.Module, dataset: Any, n_images: int = 4, device: str = "cpu") -> float:
+    """Images/s of the backbone alone on the first `n_images` images (one warm-up image first)."""
+    n = min(n_images, len(dataset))
+    images = torch.stack([dataset[i]["image"] for i in range(n)]).to(device)
+    with torch.no_grad():
+        backbone(images[:1])
+        synchronize(device)
+        start = time.perf_counter()
+        backbone(images)
+        synchronize(device)
+    return n / max(time.perf_counter() - start, 1e-9)
+
+
+__all__ = ["EvalOptions", "LoadedMethod", "MethodResult", "backbone_key", "evaluate_method", "failed_result",
+           "first_line", "group_by_backbone", "load_methods", "resolve_segmenter_path", "time_backbone",
+           "upsample_logits"]

@@ -1,0 +1,203 @@
+"""Side-by-side comparison of exported segmenters on one dataset split.
+
+    python -m compare.run --dataset camvid_sample --split val \
+        --runs "runs/stego/camvid_sample/demo runs/kmeans/camvid_sample/demo" [--resolution 322] \
+        [--backbone-weights PATH|none] [--extra-policy error|majority|drop] [--no-crf] [--out compare_output/<dataset>]
+
+Every run (a run directory holding export/segmenter.pt, or a segmenter.pt) is scored on the same split, resolution,
+backbone features (cached, image and flip) and metric policy. Writes report.md, results.csv, results.json and
+comparison.png into --out, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compare.evaluate import (
+    EvalOptions,
+    LoadedMethod,
+    MethodResult,
+    evaluate_method,
+    failed_result,
+    first_line,
+    group_by_backbone,
+    load_methods,
+    time_backbone,
+)
+from compare.figure import figure_indices_for, save_comparison_figure
+from compare.report import markdown_table, untrained_banner, write_reports
+
+RANDOM_WEIGHTS_ID = "random-seed0"
+
+
+@dataclass
+class CompareSettings:
+    """Everything that fixes how the methods are compared (the CLI's options)."""
+
+    dataset: str
+    runs: list[str]
+    split: str = "val"
+    data_root: str | None = None
+    resolution: int | None = None
+    backbone_weights: str | None = None
+    extra_policy: str = "error"
+    crf: bool = True
+    allow_mixed_backbones: bool = False
+    out: str | None = None
+    cache_dir: str = "cache/features"
+    batch_size: int = 16
+    device: str = "auto"
+    figure_rows: int = 4
+    panel: int = 160
+
+
+@dataclass
+class ComparisonOutput:
+    header: dict
+    results: list[MethodResult]
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def default_resolution(backbone_names: list[str]) -> int:
+    """322 for DINOv2 (patch 14), 320 for DINO v1 (patch 8 or 16), the evaluation sizes of data.md."""
+    patch14 = {"dinov2" in name for name in backbone_names}
+    if len(patch14) > 1:
+        raise ValueError("the runs mix patch-14 (DINOv2) and patch-8/16 (DINO) backbones; pass --resolution")
+    return 322 if patch14 == {True} or not patch14 else 320
+
+
+def weights_for(weights_id: str, cli_weights: str | None) -> str | None:
+    """The `weights` argument of build_backbone: the CLI's, else "none" for a random-weight run, else official."""
+    if cli_weights:
+        return cli_weights
+    return "none" if weights_id == RANDOM_WEIGHTS_ID else None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _evaluate_group(key: tuple, methods: list[LoadedMethod], dataset: Any, settings: CompareSettings,
+                    options: EvalOptions, figure_indices: list[int]) -> tuple[dict, dict[str, MethodResult], Any]:
+    """Build one backbone and its feature caches, then score every method of the group."""
+    from shared.backbone import build_backbone
+    from shared.data.feature_cache import FeatureCache
+
+    name, weights_id, layer = key
+    group = {"name": name, "layer": layer, "weights_id": weights_id, "pretrained": weights_id != RANDOM_WEIGHTS_ID}
+    try:
+        backbone = build_backbone(name, weights=weights_for(weights_id, settings.backbone_weights), layer=layer,
+                                  device=options.device)
+        group.update(weights_id=backbone.weights_id, pretrained=bool(backbone.pretrained))
+        if backbone.weights_id != weights_id:
+            raise ValueError(f"the runs were trained on {name} weights {weights_id} but the backbone loaded weights "
+                             f"{backbone.weights_id}; pass --backbone-weights with the file they were trained on")
+        cache = FeatureCache(settings.cache_dir)
+        features = cache.get(backbone, dataset, flip=False, batch_size=settings.batch_size)
+        flipped = cache.get(backbone, dataset, flip=True, batch_size=settings.batch_size)
+        group["images_per_s"] = time_backbone(backbone, dataset, device=options.device)
+    except Exception as error:  # noqa: BLE001 - the group's methods are reported as failed, other groups go on
+        message = first_line(error)
+        print(f"backbone {name} failed: {message}", file=sys.stderr)
+        return group, {m.path: failed_result(m, message) for m in methods}, None
+    results = {m.path: evaluate_method(m, features, flipped, dataset, options, figure_indices) for m in methods}
+    return group, results, features
+
+
+def run_comparison(settings: CompareSettings) -> ComparisonOutput:
+    """Load, group, evaluate and write the reports; returns the header, the results and the written paths."""
+    from shared.data import build_dataset
+
+    methods = load_methods(settings.runs)
+    groups = group_by_backbone(methods, settings.allow_mixed_backbones)
+    resolution = settings.resolution or default_resolution([k[0] for k in groups])
+    dataset = build_dataset(settings.dataset, settings.split, data_root=settings.data_root, resolution=resolution)
+    options = EvalOptions(n_classes=dataset.n_classes, extra_policy=settings.extra_policy, crf=settings.crf,
+                          batch_size=settings.batch_size, device=resolve_device(settings.device))
+    figure_indices = figure_indices_for(len(dataset), settings.figure_rows)
+    by_path: dict[str, MethodResult] = {m.path: failed_result(m, m.error) for m in methods if m.segmenter is None}
+    header_groups, labels = [], None
+    for key, members in groups.items():
+        group, results, features = _evaluate_group(key, members, dataset, settings, options, figure_indices)
+        header_groups.append(group)
+        by_path.update(results)
+        if features is not None and labels is None:
+            labels = features.labels
+    results = [by_path[m.path] for m in methods]
+    header = {"dataset": settings.dataset, "split": settings.split, "n_images": len(dataset),
+              "n_classes": dataset.n_classes, "class_names": list(getattr(dataset, "class_names", [])),
+              "resolution": resolution, "backbones": header_groups, "extra_policy": settings.extra_policy,
+              "crf": settings.crf, "batch_size": settings.batch_size, "device": options.device,
+              "runs": list(settings.runs), "figure": None}
+    out_dir = Path(settings.out or f"compare_output/{settings.dataset}")
+    paths = {}
+    if labels is not None and any(r.status == "ok" for r in results):
+        paths["figure"] = save_comparison_figure(out_dir / "comparison.png", dataset, labels, figure_indices,
+                                                 results, settings.panel)
+        header["figure"] = "comparison.png"
+    paths.update(write_reports(out_dir, header, [r.to_dict() for r in results]))
+    return ComparisonOutput(header, results, paths)
+
+
+def parse_args(argv: list[str] | None = None) -> CompareSettings:
+    parser = argparse.ArgumentParser(prog="python -m compare.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, help="dataset name, e.g. camvid_sample")
+    parser.add_argument("--runs", nargs="+", required=True,
+                        help="run directories (holding export/segmenter.pt) or segmenter.pt files; one quoted "
+                             "space-separated string works too")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--data-root", default=None, help="default: $USS_DATA or ./data")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 322 for DINOv2, 320 for DINO")
+    parser.add_argument("--backbone-weights", default=None,
+                        help="weights file or 'none'; default: the official file for pretrained runs")
+    parser.add_argument("--extra-policy", choices=("error", "majority", "drop", "stego"), default="error")
+    parser.add_argument("--no-crf", dest="crf", action="store_false", help="skip the dense-CRF evaluation")
+    parser.add_argument("--allow-mixed-backbones", action="store_true",
+                        help="compare runs on different backbones, each on its own features")
+    parser.add_argument("--out", default=None, help="output folder (default compare_output/<dataset>)")
+    parser.add_argument("--cache-dir", default="cache/features")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--figure-rows", type=int, default=4)
+    args = parser.parse_args(argv)
+    runs = [part for item in args.runs for part in item.split()]
+    if not runs:
+        parser.error("--runs is empty: name at least one run directory or segmenter.pt")
+    return CompareSettings(dataset=args.dataset, runs=runs, split=args.split, data_root=args.data_root,
+                           resolution=args.resolution, backbone_weights=args.backbone_weights,
+                           extra_policy=args.extra_policy, crf=args.crf,
+                           allow_mixed_backbones=args.allow_mixed_backbones, out=args.out, cache_dir=args.cache_dir,
+                           batch_size=args.batch_size, device=args.device, figure_rows=args.figure_rows)
+
+
+def print_summary(output: ComparisonOutput) -> None:
+    """The table and where the files are, for the terminal."""
+    banner = untrained_banner(output.header)
+    if banner:
+        print("\n" + banner.lstrip("> "))
+    print("\n" + markdown_table([r.to_dict() for r in output.results]) + "\n")
+    for name in ("report", "figure", "csv", "json"):
+        if name in output.paths:
+            print(f"{name}: {output.paths[name]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        output = run_comparison(parse_args(argv))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print_summary(output)
+    return 0 if all(r.status == "ok" for r in output.results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

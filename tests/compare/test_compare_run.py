@@ -1,0 +1,141 @@
+"""compare.run on the synthetic world of conftest.py: exact table values, figure grid, failures, backbone checks.
+
+Expected values are worked out by hand from the confusion histograms stats[cluster, class]:
+A: [[10, 4, 0], [0, 12, 4], [8, 0, 24]] -> identity matching, 46 of 62 valid pixels right,
+   IoU 10/22, 12/20, 24/36. Linear probe classes per image [0, 1, 2, 0] -> 46/62, IoU 18/30, 12/20, 16/28.
+B: [[10, 16, 4], [0, 0, 16], [8, 0, 8]] -> clusters 0, 1, 2 -> classes 1, 2, 0, 40 of 62 right,
+   IoU 8/26, 16/30, 16/28.
+"""
+
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import ALPHA, CENTRES_A, N_IMAGES, toy_labels
+from PIL import Image
+
+from compare.figure import figure_size
+from compare.run import CompareSettings, main, run_comparison
+
+ACC_A, MIOU_A = 100 * 46 / 62, 100 * (10 / 22 + 12 / 20 + 24 / 36) / 3
+LIN_ACC_A, LIN_MIOU_A = 100 * 46 / 62, 100 * (18 / 30 + 12 / 20 + 16 / 28) / 3
+ACC_B, MIOU_B = 100 * 40 / 62, 100 * (8 / 26 + 16 / 30 + 16 / 28) / 3
+PANEL = 32
+PAD, TITLE = 4, 14  # shared.viz.save_grid's defaults: padding around panels, title strip above each row
+
+
+def settings(world, runs, **kw) -> CompareSettings:
+    return CompareSettings(dataset="toy", runs=runs, resolution=4, out=str(world.out), cache_dir=str(world.tmp),
+                           batch_size=3, device="cpu", figure_rows=4, panel=PANEL, **kw)
+
+
+def reference_calibration_a() -> tuple[float, float]:
+    """ECE (15 bins) and NLL of method A computed directly: every pixel of image i has the softmax of
+    ALPHA * cos(e_i, centres); A's matching is the identity."""
+    labels = toy_labels().reshape(N_IMAGES, -1)
+    conf, correct, nll = [], [], []
+    for i in range(N_IMAGES):
+        probs = torch.softmax(ALPHA * CENTRES_A[:, i].double(), 0).numpy()
+        for y in labels[i][labels[i] >= 0]:
+            conf.append(probs.max())
+            correct.append(float(probs.argmax() == y))
+            nll.append(-math.log(probs[y]))
+    conf, correct = np.array(conf), np.array(correct)
+    bins = np.clip(np.ceil(conf * 15).astype(int) - 1, 0, 14)  # bins (b/15, (b+1)/15]
+    ece = sum(abs(correct[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean() for b in np.unique(bins))
+    return float(ece), float(np.mean(nll))
+
+
+def test_table_values_match_the_hand_computed_ones(toy_world):
+    out = run_comparison(settings(toy_world, [toy_world.runs["a"], toy_world.runs["b"]]))
+    data = json.loads(out.paths["json"].read_text())
+    a, b = data["results"]
+    assert [a["status"], b["status"]] == ["ok", "ok"]
+    assert a["unsupervised"]["acc"] == pytest.approx(ACC_A) and a["unsupervised"]["miou"] == pytest.approx(MIOU_A)
+    assert a["linear"]["acc"] == pytest.approx(LIN_ACC_A) and a["linear"]["miou"] == pytest.approx(LIN_MIOU_A)
+    assert b["unsupervised"]["acc"] == pytest.approx(ACC_B) and b["unsupervised"]["miou"] == pytest.approx(MIOU_B)
+    assert b["unsupervised"]["mapping"] == [1, 2, 0] and b["linear"] is None
+    # Logits are constant over each image, so the CRF cannot change any pixel.
+    assert a["crf"]["acc"] == pytest.approx(ACC_A) and b["crf"]["miou"] == pytest.approx(MIOU_B)
+    ece, nll = reference_calibration_a()
+    assert a["calibration"]["ece"] == pytest.approx(ece, rel=1e-4, abs=1e-6)
+    assert a["calibration"]["nll"] == pytest.approx(nll, rel=1e-4)
+    assert a["calibration"]["source"] == "cluster-softmax" and b["calibration"]["source"] == "probabilistic"
+    assert a["images_per_s"] > 0 and a["peak_memory_mib"] >= 0
+
+    report = out.paths["report"].read_text()
+    assert f"| method_a/demo | dinov2_vits14 (UNTRAINED) | {ACC_A:.1f} | {MIOU_A:.1f} | {ACC_A:.1f} | {MIOU_A:.1f} | " \
+           f"{LIN_ACC_A:.1f} | {LIN_MIOU_A:.1f} |" in report
+    assert f"| method_b/demo | dinov2_vits14 (UNTRAINED) | {ACC_B:.1f} | {MIOU_B:.1f} |" in report
+    assert "UNTRAINED BACKBONE" in report and "split `val`" in report and "resolution: 4" in report
+    rows = list(csv.DictReader(out.paths["csv"].open()))
+    assert float(rows[1]["unsupervised_miou"]) == pytest.approx(MIOU_B)
+
+
+def test_figure_grid_and_matched_colours(toy_world):
+    from shared.viz import palette_for
+
+    out = run_comparison(settings(toy_world, [toy_world.runs["a"], toy_world.runs["b"]]))
+    image = np.asarray(Image.open(out.paths["figure"]).convert("RGB"))
+    # Columns: image, ground truth, A, B, B's uncertainty (B is probabilistic); 4 rows.
+    expected = (5 * PANEL + 6 * PAD, 4 * (PANEL + TITLE) + 5 * PAD)
+    assert image.shape[1::-1] == figure_size(4, 5, PANEL) == expected
+    palette = np.asarray(palette_for("camvid_sample", 3), dtype=np.uint8)
+    centre = lambda row, col: image[PAD + row * (PANEL + TITLE + PAD) + TITLE + PANEL // 2,
+                                    PAD + col * (PANEL + PAD) + PANEL // 2]
+    # Image 0: A predicts cluster 0 -> class 0; B predicts cluster 0, matched to class 1.
+    assert tuple(centre(0, 2)) == tuple(palette[0]) and tuple(centre(0, 3)) == tuple(palette[1])
+    # Image 2: A cluster 2 -> class 2; B cluster 1 -> class 2: the same class has the same colour.
+    assert tuple(centre(2, 2)) == tuple(centre(2, 3)) == tuple(palette[2])
+
+
+def test_a_failing_method_is_reported_while_the_others_run(toy_world):
+    corrupt = toy_world.tmp / "corrupt" / "export"
+    shutil.copytree(toy_world.runs["a"], corrupt.parent)
+    (corrupt / "segmenter.pt").write_bytes(b"not a segmenter")
+    missing = toy_world.tmp / "never_trained"
+    runs = [str(corrupt.parent), toy_world.runs["b"], str(missing)]
+    out = run_comparison(settings(toy_world, runs, crf=False))
+    statuses = [(r.status, r.error) for r in out.results]
+    assert statuses[0][0] == "failed" and statuses[0][1]
+    assert statuses[1] == ("ok", "")
+    assert statuses[2][0] == "failed" and statuses[2][1].startswith("FileNotFoundError")
+    assert out.results[1].unsupervised["acc"] == pytest.approx(ACC_B) and out.results[1].crf is None
+    report = out.paths["report"].read_text()
+    assert report.count("FAILED") == 2 and "## Failed methods" in report
+    assert out.paths["figure"].is_file()
+
+
+def test_evaluation_errors_become_failed_rows(toy_world, monkeypatch):
+    import shared.data
+
+    class ElevenClasses(type(toy_world.dataset)):
+        n_classes = 11
+
+    monkeypatch.setattr(shared.data, "build_dataset", lambda *a, **k: ElevenClasses())
+    out = run_comparison(settings(toy_world, [toy_world.runs["a"]], crf=False))
+    assert out.results[0].status == "failed" and "11" in out.results[0].error
+
+
+def test_mixed_backbones_are_refused_unless_allowed(toy_world, capsys):
+    from conftest import metadata
+
+    from shared.segmenter import save_segmenter
+
+    other = toy_world.tmp / "other.pt"
+    meta = dict(metadata("method_c", 3, False), backbone_weights_id="some-other-weights")
+    save_segmenter(other, code_branches=[[{"op": "identity"}]], state_dict={}, cluster_centres=CENTRES_A,
+                   alpha=ALPHA, metadata=meta)
+    runs = [toy_world.runs["a"], str(other)]
+    with pytest.raises(ValueError, match="different backbones"):
+        run_comparison(settings(toy_world, runs))
+    assert main(["--dataset", "toy", "--runs", " ".join(runs), "--out", str(toy_world.out)]) == 2
+    assert "--allow-mixed-backbones" in capsys.readouterr().err
+    # Allowed: each group on its own backbone; the fake backbone loads other weights than method_c was trained on.
+    out = run_comparison(settings(toy_world, runs, allow_mixed_backbones=True, crf=False))
+    assert [r.status for r in out.results] == ["ok", "failed"]
+    assert "some-other-weights" in out.results[1].error
