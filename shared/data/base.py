@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from shared.data.errors import BadSampleError, DatasetLayoutError
 from shared.data.transforms import eval_view
@@ -122,8 +123,6 @@ class SegmentationDataset(Dataset):
             self._drop_bad_samples()
 
     def _drop_bad_samples(self) -> None:
-        from tqdm import tqdm
-
         good = []
         for sample in tqdm(self.samples, desc=f"checking {self.name}/{self.split}", unit="img"):
             try:

@@ -34,7 +34,8 @@ def pooled_features(backbone, dataset, *, batch_size: int = 16, progress: bool =
     pooled = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     try:
-        for batch in tqdm(loader, desc=f"knn features {dataset.name}/{dataset.split}", disable=not progress):
+        for batch in tqdm(loader, desc=f"knn features {dataset.name}/{dataset.split}", unit="batch",
+                          disable=not progress):
             feats = backbone(batch["image"].to(device))  # (B, C, h, w)
             pooled.append(feats.float().mean(dim=(2, 3)).cpu())
     finally:
