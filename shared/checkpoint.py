@@ -21,6 +21,11 @@ Typical loop (rank 0 writes; every rank restores)::
         save_checkpoint(make_checkpoint(model=model, optimizers={"main": opt}, step=step, config=cfg_dict,
                                         method="stego", rng=rng), last_checkpoint_path(run_dir))
 
+Exact resume needs the loop to consume random numbers the same way after a restart: give every DataLoader
+its own ``generator=torch.Generator().manual_seed(seed)`` (creating an iterator otherwise draws from the
+global torch RNG, and a resumed run creates one mid-epoch), use ``DistributedSampler.set_epoch`` and skip
+the batches of the current epoch that were already consumed.
+
 ``save_checkpoint`` writes a temporary file in the target directory, flushes and fsyncs it, then
 ``os.replace``-s it over the target, so an interrupted write never damages the previous checkpoint.
 """

@@ -106,7 +106,11 @@ def main(cfg: TinyConfig) -> int:
         opt = torch.optim.Adam(ddp.parameters(), lr=cfg.lr)
         data = make_dataset(cfg)
         sampler = DistributedSampler(data, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        loader = DataLoader(data, batch_size=cfg.global_batch // ctx.world_size, sampler=sampler, drop_last=True)
+        # Each new DataLoader iterator draws a seed from its `generator`; without one it would consume the global
+        # torch RNG at a different point in a resumed run (which starts an iterator mid-epoch) and break exactness.
+        loader_rng = torch.Generator().manual_seed(cfg.seed)
+        per_rank = cfg.global_batch // ctx.world_size
+        loader = DataLoader(data, batch_size=per_rank, sampler=sampler, drop_last=True, generator=loader_rng)
         if ctx.is_main:
             save_resolved_config(cfg, run_dir)
         log = RunLogger(run_dir, enabled=ctx.is_main)
