@@ -415,17 +415,17 @@ def parse_args(config_cls: type, argv: typing.Sequence[str] | None = None):
     return load_config(config_cls, yaml_path, overrides)
 
 
-def _describe(cls: type, prefix: str = "") -> str:
-    """One line per key: ``name: type = default`` (nested sections expanded)."""
+def _describe(cls: type, prefix: str = "", defaults: Any = None) -> str:
+    """One line per key: ``name: type = default`` (nested sections expanded with their parent's defaults)."""
     lines = []
     for f in dataclasses.fields(cls):
         tp = _field_types(cls)[f.name]
         key = f"{prefix}{f.name}"
+        default = getattr(defaults, f.name) if defaults is not None else _field_default(cls, f.name)
         sub = _dataclass_option(tp)
-        if sub is not None:
-            lines.append(_describe(sub, key + "."))
+        if sub is not None and isinstance(default, sub):
+            lines.append(_describe(sub, key + ".", default))
         else:
-            default = _field_default(cls, f.name)
             lines.append(f"  {key}: {_type_name(tp)} = {default!r}")
     return "\n".join(lines)
 

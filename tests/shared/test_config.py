@@ -189,3 +189,12 @@ def test_git_commit_outside_a_repository(tmp_path):
     assert git_dirty(tmp_path) is None
     commit = git_commit()
     assert commit == "unknown" or len(commit) == 40
+
+
+def test_help_lists_every_key_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_args(Cfg, ["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "model.optim.lr: float = 0.1" in out and "seed: int = 0" in out and "--resume" in out
+    assert "model.dim: int = 90" in out  # the parent's default for the section, not Model's own 70
