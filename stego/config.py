@@ -61,7 +61,7 @@ class StegoConfig:
 
     # Probes and evaluation.
     n_extra_clusters: int = 0
-    extra_policy: str = "error"  # "error" | "majority" | "drop" (the original's behaviour)
+    extra_policy: str = "error"  # "error" | "majority" | "drop" | "stego" (the original's: drop extra-cluster pixels)
     alpha: float = 2.0  # softmax temperature of the cluster probe at evaluation
     val_every: int = 100
     val_batch_size: int = 16

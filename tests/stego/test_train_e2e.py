@@ -1,0 +1,80 @@
+"""End to end: `python -m stego.train --config stego/configs/tiny.yaml` on the bundled sample (random backbone),
+the exported segmenter, and resuming."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.checkpoint import load_checkpoint
+from shared.config import load_config
+from shared.segmenter import load
+from stego.config import StegoConfig
+from stego.steps import build_modules, head_outputs
+from stego.train import main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "stego" / "configs" / "tiny.yaml"
+# 28 px = 2x2 patches: the smallest grid that exercises everything, to keep the backbone passes cheap.
+SMALL = ["resolution=28", "val_resolution=28"]
+
+
+def _paths(root: Path) -> list[str]:
+    return [f"output_root={root / 'runs'}", f"cache_dir={root / 'cache' / 'features'}",
+            f"nns_dir={root / 'cache' / 'nns'}"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stego_e2e")
+    cmd = [sys.executable, "-m", "stego.train", "--config", str(TINY), *_paths(root), *SMALL]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, root / "runs" / "stego" / "camvid_sample" / "tiny"
+
+
+def test_tiny_run_writes_the_run_directory(tiny_run):
+    _, run_dir = tiny_run
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt",
+                 "export/segmenter.pt", "figures/predictions.png", "final_metrics.json"):
+        assert (run_dir / name).is_file(), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss/total" in r for r in records)
+    assert any("val/unsupervised/miou" in r for r in records)
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["pretrained_backbone"] is False and 0 <= final["unsupervised/miou"] <= 100
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_exported_segmenter_equals_the_trained_head(tiny_run):
+    _, run_dir = tiny_run
+    segmenter = load(run_dir / "export" / "segmenter.pt")
+    meta = segmenter.metadata
+    assert (meta["method"], meta["backbone"], meta["n_classes"], meta["code_dim"]) == ("stego", "dinov2_vits14", 11, 8)
+    assert meta["pretrained_backbone"] is False
+    cfg = load_config(StegoConfig, TINY)
+    modules = build_modules(cfg, 384, 11)
+    modules.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
+    feats = torch.randn(2, 384, 3, 3)
+    with torch.no_grad():
+        ours = head_outputs(modules.eval(), cfg.alpha)(feats)
+        theirs = segmenter(feats)
+    for key in ("code", "cluster_logits", "linear_logits"):
+        torch.testing.assert_close(theirs[key], ours[key], rtol=1e-5, atol=1e-5)
+
+
+def test_resumed_run_equals_uninterrupted(tiny_run):
+    root, _ = tiny_run  # reuses the feature cache and kNN file built by the first run
+    common = [*_paths(root), *SMALL, "val_every=2"]
+    main(load_config(StegoConfig, TINY, [*common, "name=straight", "max_steps=3"]))
+    main(load_config(StegoConfig, TINY, [*common, "name=resumed", "max_steps=2"]))
+    main(load_config(StegoConfig, TINY, [*common, "name=resumed", "max_steps=3", "resume=auto"]))
+    runs = root / "runs" / "stego" / "camvid_sample"
+    straight = load_checkpoint(runs / "straight" / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(runs / "resumed" / "checkpoints" / "last.pt")
+    assert straight["step"] == resumed["step"] == 3
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
