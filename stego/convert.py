@@ -1,0 +1,160 @@
+"""Import an official STEGO checkpoint (mhamilton723/STEGO, a PyTorch Lightning `.ckpt`) as an exported segmenter.
+
+    python -m stego.convert cocostuff27_vit_base_5.ckpt out/segmenter.pt --backbone dino_vitb8 \
+        [--dataset cocostuff27] [--backbone-weights PATH | --weights-id ID] [--resolution 320] [--alpha 2]
+
+The official `LitUnsupervisedSegmenter` keeps in `state_dict`:
+  net.cluster1.0.{weight,bias}            linear branch  Conv2d(C -> D)
+  net.cluster2.{0,2}.{weight,bias}        nonlinear branch Conv2d(C -> C), ReLU, Conv2d(C -> D)
+  cluster_probe.clusters                  (K + extra, D) centres (cosine, softmax temperature 2 at evaluation)
+  linear_probe.{weight,bias}              Conv2d(D -> K)
+(plus the DINO backbone `net.model.*`, `train_cluster_probe.*` and `decoder.*`, which are not needed).
+Its featurizer reads the normed last-block patch tokens, which is what our frozen backbone returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+
+from dinov2_patched import model_spec, weights_fingerprint
+from dinov2_patched.weights import cache_dir
+from stego.export import segmenter_metadata
+from stego.model import StegoHead
+
+LINEAR = ("net.cluster1.0.weight", "net.cluster1.0.bias")
+NONLINEAR = ("net.cluster2.0.weight", "net.cluster2.0.bias", "net.cluster2.2.weight", "net.cluster2.2.bias")
+REQUIRED = (*LINEAR, "cluster_probe.clusters")
+
+
+class _Placeholder:
+    """Stands in for classes of packages we do not have (omegaconf, pytorch_lightning) in the hyper-parameters."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args = args
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    """Resolves torch / numpy / builtins normally and replaces any other class by `_Placeholder`."""
+
+    SAFE_ROOTS = ("torch", "collections", "numpy", "builtins", "_codecs", "copyreg")
+
+    def find_class(self, module: str, name: str):
+        if module.split(".")[0] in self.SAFE_ROOTS:
+            return super().find_class(module, name)
+        return _Placeholder
+
+
+class _LenientPickleModule:
+    Unpickler = _LenientUnpickler
+    load = pickle.load
+    __name__ = "stego_lenient_pickle"
+
+
+def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `state_dict` of an official checkpoint (or a bare state dict), as tensors on the CPU.
+
+    Tries `weights_only=True` first; Lightning checkpoints also pickle an OmegaConf config, which is read with
+    placeholders instead (only the tensors are used).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"STEGO checkpoint {path} does not exist; pass the path of the official .ckpt file.")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        blob = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_LenientPickleModule)
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state_dict; expected an official STEGO Lightning checkpoint.")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise KeyError(f"{path} lacks {missing}; is it an official STEGO checkpoint (keys net.cluster1.*, "
+                       f"cluster_probe.clusters, linear_probe.*)? Found e.g. {sorted(state)[:5]}.")
+    return {k: v for k, v in state.items() if torch.is_tensor(v)}
+
+
+def head_from_official(state: dict[str, torch.Tensor]) -> StegoHead:
+    """Our StegoHead carrying the official `net.cluster1` / `net.cluster2` weights."""
+    weight = state["net.cluster1.0.weight"]  # (D, C, 1, 1)
+    code_dim, in_dim = int(weight.shape[0]), int(weight.shape[1])
+    has_nonlinear = any(k in state for k in NONLINEAR)
+    if has_nonlinear and not all(k in state for k in NONLINEAR):
+        raise KeyError(f"official checkpoint has part of the nonlinear branch; it needs all of {list(NONLINEAR)}.")
+    head = StegoHead(in_dim, code_dim, nonlinear=has_nonlinear)
+    mapped = {"linear_branch.weight": state["net.cluster1.0.weight"],
+              "linear_branch.bias": state["net.cluster1.0.bias"]}
+    if has_nonlinear:
+        for index in (0, 2):
+            for kind in ("weight", "bias"):
+                mapped[f"nonlinear_branch.{index}.{kind}"] = state[f"net.cluster2.{index}.{kind}"]
+    head.load_state_dict(mapped, strict=True)
+    return head.eval()
+
+
+def backbone_weights_id(backbone: str, weights_path: str | None, weights_id: str | None) -> str:
+    """Fingerprint of the backbone weights the head was trained on (matches our feature caches)."""
+    if weights_id:
+        return weights_id
+    if weights_path:
+        return weights_fingerprint(weights_path)
+    official = cache_dir() / model_spec(backbone)["file"]
+    if official.is_file():
+        return weights_fingerprint(official)
+    print(f"warning: {official} not found, so the backbone weights id cannot be computed; the export says "
+          f"'official:{official.name}'. Pass --backbone-weights PATH (or --weights-id) to match feature caches.",
+          file=sys.stderr)
+    return f"official:{official.name}"
+
+
+def convert(ckpt: str | Path, out: str | Path, *, backbone: str, dataset: str = "unknown", resolution: int = 320,
+            alpha: float = 2.0, feature_layer: int = -1, backbone_weights: str | None = None,
+            weights_id: str | None = None) -> Path:
+    """Write the official checkpoint `ckpt` as our exported segmenter `out`; returns `out`."""
+    from shared.segmenter import save_segmenter  # local: keeps `python -m stego.convert --help` fast
+
+    state = read_official_state_dict(ckpt)
+    head = head_from_official(state)
+    feature_dim = int(model_spec(backbone)["embed_dim"])
+    if head.in_dim != feature_dim:
+        raise ValueError(f"{ckpt}: the head reads {head.in_dim}-channel features but {backbone} gives {feature_dim}; "
+                         "pass the backbone the checkpoint was trained on (--backbone).")
+    centres = state["cluster_probe.clusters"]
+    linear_weight, linear_bias = state.get("linear_probe.weight"), state.get("linear_probe.bias")
+    n_classes = int(linear_weight.shape[0]) if linear_weight is not None else int(centres.shape[0])
+    metadata = segmenter_metadata(
+        backbone=backbone, backbone_weights_id=backbone_weights_id(backbone, backbone_weights, weights_id),
+        pretrained_backbone=True, feature_layer=feature_layer, resolution=resolution, n_classes=n_classes,
+        n_clusters=int(centres.shape[0]), code_dim=head.code_dim, dataset=dataset, converted_from=str(ckpt))
+    return save_segmenter(out, code_branches=head.code_branches(), state_dict=head.state_dict(),
+                          cluster_centres=centres, alpha=alpha, linear_weight=linear_weight, linear_bias=linear_bias,
+                          metadata=metadata)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Convert an official STEGO checkpoint into an exported segmenter.")
+    parser.add_argument("ckpt", help="official STEGO .ckpt (e.g. cocostuff27_vit_base_5.ckpt)")
+    parser.add_argument("out", help="output segmenter path, e.g. runs/stego/cocostuff27/official/export/segmenter.pt")
+    parser.add_argument("--backbone", required=True, help="backbone it was trained on, e.g. dino_vitb8 or dino_vits8")
+    parser.add_argument("--dataset", default="unknown", help="dataset name for the metadata, e.g. cocostuff27")
+    parser.add_argument("--resolution", type=int, default=320, help="evaluation resolution (the original's 320)")
+    parser.add_argument("--alpha", type=float, default=2.0, help="cluster softmax temperature (the original's 2)")
+    parser.add_argument("--feature-layer", type=int, default=-1)
+    parser.add_argument("--backbone-weights", default=None, help="the backbone weight file, to fingerprint it")
+    parser.add_argument("--weights-id", default=None, help="use this backbone weights id instead")
+    args = parser.parse_args(argv)
+    out = convert(args.ckpt, args.out, backbone=args.backbone, dataset=args.dataset, resolution=args.resolution,
+                  alpha=args.alpha, feature_layer=args.feature_layer, backbone_weights=args.backbone_weights,
+                  weights_id=args.weights_id)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
