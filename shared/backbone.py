@@ -40,9 +40,23 @@ def bf16_supported(device: str | torch.device = "cpu") -> bool:
     return "AVX512" in capability.upper() and bool(_cpu_flags() & set(_CPU_BF16_FLAGS))
 
 
+def store_matmul_weights_in_bf16(model: nn.Module) -> None:
+    """Converts the weights and biases of every Linear and Conv2d of `model` to bf16, in place.
+
+    Under bf16 autocast these are cast to bf16 on every call anyway (with the same rounding), so the
+    outputs are bitwise unchanged; casting once up front saves that work, about a third of a CPU forward.
+    LayerNorm, LayerScale and the token/position parameters stay float32, as autocast keeps them.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            module.to(torch.bfloat16)
+
+
 class FrozenBackbone(nn.Module):
     """A ViT in eval mode without gradients; every call runs under no_grad and returns float32.
 
+    Takes ownership of `model`: it is frozen in place, and when bf16 is used its Linear/Conv weights are
+    stored in bf16 (see `store_matmul_weights_in_bf16`), so do not keep using the model outside.
     Attributes: name, patch_size, feature_dim, layer (block index, negative counts from the end),
     weights_id, pretrained (real weights loaded), use_bf16 (bf16 autocast on).
     """
@@ -58,6 +72,8 @@ class FrozenBackbone(nn.Module):
         self.weights_id = model.weights_id
         self.pretrained = model.weights_id != RANDOM_WEIGHTS_ID
         self.use_bf16 = bf16_supported(self.device) and not force_float32
+        if self.use_bf16:
+            store_matmul_weights_in_bf16(self.model)
 
     @property
     def device(self) -> torch.device:

@@ -31,6 +31,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, return_maps: bool = False) -> tuple[torch.Tensor, AttentionMaps | None]:
         """(B, T, C) -> ((B, T, C), attention maps when `return_maps` else None)."""
         attended, maps = self.attn(self.norm1(x), return_maps=return_maps)
-        x = x + self.ls1(attended)
-        x = x + self.ls2(self.mlp(self.norm2(x)))
+        x = _add_residual(x, attended, self.ls1)
+        x = _add_residual(x, self.mlp(self.norm2(x)), self.ls2)
         return x, maps
+
+
+def _add_residual(residual: torch.Tensor, branch: torch.Tensor, scale: nn.Module) -> torch.Tensor:
+    """`residual + scale(branch)`; LayerScale fuses its multiply into the addition."""
+    if isinstance(scale, LayerScale):
+        return scale.add_to(residual, branch)
+    return residual + scale(branch)

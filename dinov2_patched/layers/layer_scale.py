@@ -15,3 +15,7 @@ class LayerScale(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T, C)."""
         return x * self.gamma
+
+    def add_to(self, residual: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        """`residual + gamma * branch` in one pass over memory (the two-op form costs a second full pass)."""
+        return torch.addcmul(residual, branch, self.gamma)

@@ -42,10 +42,10 @@ def test_norm_reshape_and_class_token(setup):
         ((grid, cls),) = model.get_intermediate_layers(images, n=1, reshape=True, return_class_token=True)
         (raw,) = model.get_intermediate_layers(images, n=1, norm=False)
     assert flat.shape == (2, 15, 24)
-    assert torch.allclose(flat, explicit["x_norm_patchtokens"], atol=1e-6)
+    assert torch.allclose(flat, explicit["x_norm_patchtokens"], atol=1e-4)
     assert grid.shape == (2, 24, 3, 5)
     assert torch.equal(grid[:, :, 1, 2], flat[:, 1 * 5 + 2])  # row-major patch order
-    assert torch.allclose(cls, explicit["x_norm_clstoken"], atol=1e-6)
+    assert torch.allclose(cls, explicit["x_norm_clstoken"], atol=1e-4)
     assert torch.allclose(raw, explicit["x_prenorm"][:, 5:], rtol=1e-5, atol=1e-4)
     assert not torch.allclose(raw, flat)
 

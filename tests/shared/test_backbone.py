@@ -81,11 +81,14 @@ def test_bf16_detection_on_cpu(monkeypatch, capability, flags, expected):
 
 @pytest.mark.skipif(not bf16_supported("cpu"), reason="this CPU has no native bf16")
 def test_bf16_close_to_float32():
-    model = tiny_vit()
     images = torch.randn(2, 3, 16, 24)
-    fast, exact = FrozenBackbone(model), FrozenBackbone(model, force_float32=True)
+    fast, exact = FrozenBackbone(tiny_vit()), FrozenBackbone(tiny_vit(), force_float32=True)
     assert fast.use_bf16 and not exact.use_bf16
     low, high = fast(images), exact(images)
     assert low.dtype == torch.float32
     assert not torch.equal(low, high)  # bf16 really ran
     assert F.cosine_similarity(low, high, dim=1).min() > 0.99
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # pre-cast weights change nothing
+        (plain_autocast,) = tiny_vit().get_intermediate_layers(images, n=1, reshape=True)
+    assert torch.equal(low, plain_autocast.float())
+    assert fast.keys(images).dtype == fast.last_attention(images).dtype == torch.float32
