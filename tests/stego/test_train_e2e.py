@@ -22,22 +22,23 @@ TINY = REPO / "stego" / "configs" / "tiny.yaml"
 SMALL = ["resolution=28", "val_resolution=28"]
 
 
-def _paths(root: Path) -> list[str]:
-    return [f"output_root={root / 'runs'}", f"cache_dir={root / 'cache' / 'features'}",
-            f"nns_dir={root / 'cache' / 'nns'}"]
+def _paths(root: Path, cache: Path) -> list[str]:
+    return [f"output_root={root / 'runs'}", f"cache_dir={cache}", f"nns_dir={root / 'cache' / 'nns'}"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("stego_e2e")
-    cmd = [sys.executable, "-m", "stego.train", "--config", str(TINY), *_paths(root), *SMALL]
+    # One feature cache for the session: the k-means baseline test builds the same (backbone, split, size) keys.
+    cache = tmp_path_factory.getbasetemp() / "uss_feature_cache"
+    cmd = [sys.executable, "-m", "stego.train", "--config", str(TINY), *_paths(root, cache), *SMALL]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return root, root / "runs" / "stego" / "camvid_sample" / "tiny"
+    return root, cache, root / "runs" / "stego" / "camvid_sample" / "tiny"
 
 
 def test_tiny_run_writes_the_run_directory(tiny_run):
-    _, run_dir = tiny_run
+    *_, run_dir = tiny_run
     for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt",
                  "export/segmenter.pt", "figures/predictions.png", "final_metrics.json"):
         assert (run_dir / name).is_file(), name
@@ -50,7 +51,7 @@ def test_tiny_run_writes_the_run_directory(tiny_run):
 
 
 def test_exported_segmenter_equals_the_trained_head(tiny_run):
-    _, run_dir = tiny_run
+    *_, run_dir = tiny_run
     segmenter = load(run_dir / "export" / "segmenter.pt")
     meta = segmenter.metadata
     assert (meta["method"], meta["backbone"], meta["n_classes"], meta["code_dim"]) == ("stego", "dinov2_vits14", 11, 8)
@@ -67,8 +68,8 @@ def test_exported_segmenter_equals_the_trained_head(tiny_run):
 
 
 def test_resumed_run_equals_uninterrupted(tiny_run):
-    root, _ = tiny_run  # reuses the feature cache and kNN file built by the first run
-    common = [*_paths(root), *SMALL, "val_every=2"]
+    root, cache, _ = tiny_run  # reuses the feature cache and kNN file built by the first run
+    common = [*_paths(root, cache), *SMALL, "val_every=2"]
     main(load_config(StegoConfig, TINY, [*common, "name=straight", "max_steps=3"]))
     main(load_config(StegoConfig, TINY, [*common, "name=resumed", "max_steps=2"]))
     main(load_config(StegoConfig, TINY, [*common, "name=resumed", "max_steps=3", "resume=auto"]))
