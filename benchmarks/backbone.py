@@ -1,0 +1,115 @@
+"""CPU throughput and bf16 accuracy of our dinov2_vits14 (random weights, 224 px, batch 8, 2 threads).
+
+Configurations: "fp32" and "bf16" are shared.backbone.FrozenBackbone as the methods use it (bf16: autocast
+with the matmul weights cast to bf16 once); "bf16_autocast_only" is plain autocast on float32 weights, to
+show what the one-time cast buys (its outputs are bitwise the same as "bf16").
+
+    python -m benchmarks.backbone [--repeats 5]
+
+When `timm` imports, its independent ViT-S/14 implementation gets our weights (same keys; our 224 px
+position embeddings copied in) for a numerical parity check and a float32 throughput comparison.
+Configurations are timed interleaved, one forward each per round, so a busy shared machine slows all of
+them alike and the ratios stay meaningful; every figure is a median over the rounds.
+"""
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dinov2_patched import build_model
+from dinov2_patched.pos_embed import interpolate_pos_embed
+from shared.backbone import FrozenBackbone, bf16_supported
+
+MODEL, RESOLUTION, BATCH, THREADS = "dinov2_vits14", 224, 8, 2
+
+
+def _timm_model(ours: torch.nn.Module) -> torch.nn.Module | None:
+    """timm's vit_small_patch14_dinov2 carrying our weights, or None when timm is not installed."""
+    try:
+        import timm  # noqa: PLC0415  (optional, only for this comparison)
+    except ImportError:
+        return None
+    other = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=RESOLUTION).eval()
+    state = {k: v for k, v in ours.state_dict().items() if k != "mask_token"}
+    grid = RESOLUTION // ours.patch_size
+    state["pos_embed"] = interpolate_pos_embed(ours.pos_embed.detach(), grid, grid, ours.pos_interpolation)
+    other.load_state_dict(state, strict=True)
+    return other
+
+
+def _time(fn: Callable[[], torch.Tensor]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _configs(model: torch.nn.Module, images: torch.Tensor, use_bf16: bool) -> dict[str, Callable[[], torch.Tensor]]:
+    """Name -> zero-argument forward returning (B, N, C) float32 patch features."""
+    tokens = lambda features: features.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, N, C)
+    fp32 = FrozenBackbone(copy.deepcopy(model), force_float32=True)
+    configs = {"fp32": lambda: tokens(fp32(images))}
+    if use_bf16:
+        bf16 = FrozenBackbone(copy.deepcopy(model))
+        configs["bf16"] = lambda: tokens(bf16(images))
+
+        @torch.no_grad()
+        def autocast_only() -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fp32.model.forward_features(images)["x_norm_patchtokens"].float()
+
+        configs["bf16_autocast_only"] = autocast_only
+    other = _timm_model(model)
+    if other is not None:
+        configs["timm_fp32"] = torch.no_grad()(lambda: other.forward_features(images)[:, 1:])
+    return configs
+
+
+def run(repeats: int = 5) -> dict[str, float | bool | None]:
+    """Medians over `repeats` rounds: images/s per configuration, ratios, bf16 cosine, timm parity."""
+    torch.set_num_threads(THREADS)
+    model = build_model(MODEL, weights="none")
+    images = torch.randn(BATCH, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0))
+    use_bf16 = bf16_supported("cpu")
+    configs = _configs(model, images, use_bf16)
+    outputs = {name: fn() for name, fn in configs.items()}  # warm-up, and the outputs to compare
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, fn in configs.items():
+            times[name].append(_time(fn))
+    speed = {name: BATCH / statistics.median(values) for name, values in times.items()}
+    result: dict[str, float | bool | None] = {f"{name}_images_per_s": value for name, value in speed.items()}
+    result["bf16_supported"] = use_bf16
+    if use_bf16:
+        result["bf16_over_fp32"] = speed["bf16"] / speed["fp32"]
+        result["bf16_autocast_only_over_fp32"] = speed["bf16_autocast_only"] / speed["fp32"]
+        cosine = F.cosine_similarity(outputs["bf16"], outputs["fp32"], dim=-1)  # per token
+        result["bf16_cosine_mean"], result["bf16_cosine_min"] = cosine.mean().item(), cosine.min().item()
+    if "timm_fp32" in outputs:
+        result["fp32_over_timm"] = speed["fp32"] / speed["timm_fp32"]
+        result["timm_max_abs_diff"] = (outputs["timm_fp32"] - outputs["fp32"]).abs().max().item()
+    return result
+
+
+def _format(value: float | bool | None) -> str:
+    if value is None:
+        return "n/a"
+    return str(value) if isinstance(value, bool) else f"{value:.6g}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
+    args = parser.parse_args(argv)
+    result = run(args.repeats)
+    print(f"{MODEL}, random weights, {RESOLUTION} px, batch {BATCH}, {THREADS} threads, {args.repeats} rounds")
+    for key, value in result.items():
+        print(f"  {key:<32} {_format(value)}")
+
+
+if __name__ == "__main__":
+    main()
