@@ -19,14 +19,16 @@ def build_model(
     Raises ValueError for an unknown name, WeightsNotFoundError when no file is found or downloadable,
     WeightsLoadError when the file is corrupt or belongs to another architecture.
     """
-    model = create_model(name, device="cpu")
     if isinstance(weights, str) and weights.lower() == "none":
+        model = create_model(name, device="cpu")
         init_random_weights(model, seed=0)
         model.weights_id = RANDOM_WEIGHTS_ID
-    else:
-        path = resolve_weights(name, weights, base_url, progress)
-        state = read_state_dict(path)
-        check_architecture(state, model, path, name)
-        model.load_state_dict(state, strict=True)
-        model.weights_id = weights_fingerprint(path)
+        return model.eval()
+    model = create_model(name, device="meta")  # parameters come from the file: never allocate them twice
+    path = resolve_weights(name, weights, base_url, progress)
+    state = read_state_dict(path)
+    check_architecture(state, model, path, name)
+    state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.weights_id = weights_fingerprint(path)
     return model.eval()
