@@ -259,6 +259,7 @@ def make_checkpoint(
 
     ``config`` is a plain dict or a config dataclass (converted with ``config_to_dict``). ``rng`` defaults to
     this process's RNG state; pass ``gather_rng_states()`` under DDP so every rank resumes its own stream.
+    The tensors are the live parameters and optimizer buffers (no copy): save the dict right away.
     """
     if not isinstance(optimizers, dict):
         raise TypeError("make_checkpoint(optimizers=...) must be a dict such as {'main': optimizer}.")

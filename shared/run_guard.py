@@ -16,7 +16,10 @@ instead of one rank hanging in the next collective; every rank must therefore ca
 
 ``StopSignal`` replaces the SIGINT/SIGTERM handlers while the ``with`` block runs: the first signal only sets
 ``.requested`` so the loop can save and exit; a second one stops at once (``KeyboardInterrupt`` for SIGINT,
-``SystemExit(128 + signum)`` otherwise). The previous handlers come back on exit. Signal handlers can only
+``SystemExit(128 + signum)`` otherwise). A repeat within ``duplicate_window_s`` (1 s) of the first is taken
+as the same event delivered twice and ignored: under torchrun, Ctrl-C reaches each worker directly and again
+through the agent, which then allows the workers 30 s to exit before killing them, so save promptly.
+The previous handlers come back on exit. Signal handlers can only
 be installed from the main thread; elsewhere StopSignal does nothing (``.requested`` stays False).
 """
 
@@ -26,6 +29,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -78,10 +82,14 @@ def _as_number(loss: Any) -> float:
 class StopSignal:
     """Context manager that turns SIGINT/SIGTERM into a ``requested`` flag (see module docstring)."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    def __init__(
+        self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), duplicate_window_s: float = 1.0
+    ) -> None:
         self.signals = signals
+        self.duplicate_window_s = duplicate_window_s
         self.requested = False
         self.signal_name: str | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
@@ -100,6 +108,10 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        if self.requested and time.monotonic() - self._first_at < self.duplicate_window_s:
+            # The same event delivered twice (Ctrl-C reaches torchrun's agent, which forwards it; schedulers
+            # signal every process): not a request to stop at once.
+            return
         if self.requested:
             self._restore()
             print(f"[stop] second signal ({name}): stopping now without saving.", file=sys.stderr, flush=True)
@@ -108,6 +120,7 @@ class StopSignal:
             raise SystemExit(128 + signum)
         self.requested = True
         self.signal_name = name
+        self._first_at = time.monotonic()
         print(
             f"[stop] received {name}: saving a checkpoint and stopping after this step (send it again to stop now).",
             file=sys.stderr,

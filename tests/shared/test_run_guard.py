@@ -36,7 +36,7 @@ def test_check_finite_catches_one_bad_element():
 
 def test_first_signal_sets_flag_second_exits():
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as exited, StopSignal() as stop:
+    with pytest.raises(SystemExit) as exited, StopSignal(duplicate_window_s=0.0) as stop:
         assert not stop.requested and not stop.sync()
         signal.raise_signal(signal.SIGTERM)
         assert stop.requested and stop.sync() and stop.signal_name == "SIGTERM"
@@ -48,11 +48,19 @@ def test_first_signal_sets_flag_second_exits():
 
 def test_second_sigint_raises_keyboard_interrupt():
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt), StopSignal() as stop:
+    with pytest.raises(KeyboardInterrupt), StopSignal(duplicate_window_s=0.0) as stop:
         signal.raise_signal(signal.SIGINT)
         assert stop.requested
         signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_repeat_within_the_duplicate_window_is_ignored():
+    """torchrun forwards the Ctrl-C a worker already got; that must not skip the checkpoint."""
+    with StopSignal(duplicate_window_s=3600.0) as stop:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested and stop.signal_name == "SIGINT"
 
 
 def test_handlers_restored_after_normal_exit():
