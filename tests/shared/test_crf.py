@@ -97,6 +97,21 @@ def test_stuck_worker_is_killed_and_other_images_finish(monkeypatch):
         assert np.array_equal(out[i], ORIGINAL_CRF(*crf_module._prepare(*pairs[i])))
 
 
+def _fail_on_four_classes(bgr: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    if probs.shape[0] == 4:
+        raise RuntimeError("broken CRF input")
+    return ORIGINAL_CRF(bgr, probs)
+
+
+def test_worker_exception_is_raised_and_pool_stopped(monkeypatch):
+    monkeypatch.setattr(crf_module, "crf_from_probs", _fail_on_four_classes)
+    pairs = [make_inputs(0), make_inputs(1, c=4)]
+    pool = CRFPool(workers=2)
+    with pytest.raises(RuntimeError, match="broken CRF input"):
+        pool.run([p[0] for p in pairs], [p[1] for p in pairs], timeout_s=60.0)
+    assert pool._pool is None  # workers were terminated, nothing left running
+
+
 def test_bad_shapes_are_clear_errors():
     image, logits = make_inputs(0)
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
