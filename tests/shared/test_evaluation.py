@@ -1,6 +1,7 @@
 """evaluate_head on synthetic cached features with known labels, with flips, CRF and two DDP ranks."""
 
 import multiprocessing as mp
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import shared.crf as crf_module
 from shared.crf import dense_crf
 from shared.evaluation import evaluate_head, flip_averaged_logits
 from shared.metrics import segmentation_scores
@@ -84,6 +86,21 @@ def test_crf_scores_equal_direct_crf():
                          for i in range(3)])
     assert res["crf_unsupervised"] == segmentation_scores(crf_u, labels, K, n_clusters=K + 1)
     assert res["crf"] == res["crf_unsupervised"] and res["crf_linear"] is not None and res["crf_timeouts"] == 0
+
+
+def _stuck_crf(bgr, probs):
+    time.sleep(600)
+
+
+def test_crf_timeout_falls_back_to_plain_prediction(monkeypatch):
+    monkeypatch.setattr(crf_module, "crf_from_probs", _stuck_crf)  # forked CRF workers inherit the stuck CRF
+    cache, _ = make_data(n=2, seed=3)
+    images = [{"image": torch.zeros(3, R, R)} for _ in range(2)]
+    with pytest.warns(RuntimeWarning, match="timed out"):
+        res = evaluate_head(head_fn, cache, flipped=None, n_classes=K, n_clusters=K + 1, crf_images=images,
+                            crf_workers=2, crf_timeout_s=0.5)
+    assert res["crf_timeouts"] == 4  # 2 images x (cluster + linear logits)
+    assert res["crf_unsupervised"] == res["unsupervised"] and res["crf_linear"] == res["linear"]
 
 
 def test_missing_labels_and_wrong_cluster_count_are_errors():
