@@ -7,6 +7,7 @@ https://dl.fbaipublicfiles.com) written atomically into that cache -> WeightsNot
 
 import functools
 import hashlib
+import http.client
 import os
 import pickle
 import tempfile
@@ -61,7 +62,7 @@ def download(url: str, destination: Path, progress: bool = True, timeout_s: floa
                     written += len(chunk)
                     bar.update(len(chunk))
             if expected is not None and written != expected:
-                raise OSError(f"download of {url} stopped after {written} of {expected} bytes")
+                raise OSError(f"the connection closed after {written} of {expected} bytes")
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp_name, destination)
@@ -84,7 +85,8 @@ def resolve_weights(name: str, weights: str | os.PathLike | None, base_url: str 
     url = weights_url(name, base_url)
     try:
         download(url, cached, progress=progress)
-    except (OSError, ValueError) as error:  # URLError/HTTPError/timeouts are OSErrors; bad URLs ValueErrors
+    # URLError/HTTPError/timeouts are OSErrors, a cut connection an HTTPException, a malformed URL a ValueError.
+    except (OSError, http.client.HTTPException, ValueError) as error:
         reason = getattr(error, "reason", None) or error
         raise WeightsNotFoundError(
             f"Weights {spec['file']} for {name} are not in {cached.parent} and downloading {url} failed "

@@ -78,6 +78,34 @@ def test_unreachable_server_gives_clear_error(hub_home, monkeypatch):
     assert not hub_home.exists() or not any(hub_home.iterdir())
 
 
+class CutOffHandler(http.server.BaseHTTPRequestHandler):
+    """Promises 1000 bytes, sends 10, hangs up."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"0123456789")
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_interrupted_download_leaves_nothing_in_cache(hub_home, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOffHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("DINO_WEIGHTS_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(WeightsNotFoundError, match=f"put it in {hub_home}/"):
+            build_model(NAME, progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not any(hub_home.iterdir())  # neither the file nor a temporary leftover
+
+
 def test_missing_explicit_path(tmp_path):
     with pytest.raises(WeightsNotFoundError, match="nope.pth for dino_vits16 does not exist"):
         build_model(NAME, weights=tmp_path / "nope.pth")
