@@ -1,20 +1,23 @@
 """End to end: `python -m stego.train --config stego/configs/tiny.yaml` on the bundled sample (random backbone),
 the exported segmenter, and resuming."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from shared.backbone import build_backbone
 from shared.checkpoint import load_checkpoint
 from shared.config import load_config
 from shared.segmenter import load
 from stego.config import StegoConfig
 from stego.steps import build_modules, head_outputs
-from stego.train import main
+from stego.train import build_run_data, load_batch, main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "stego" / "configs" / "tiny.yaml"
@@ -79,3 +82,17 @@ def test_resumed_run_equals_uninterrupted(tiny_run):
     assert straight["step"] == resumed["step"] == 3
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_uncached_batches_equal_cached_ones(tiny_run):
+    root, cache, _ = tiny_run
+    cfg = load_config(StegoConfig, TINY, [*_paths(root, cache), *SMALL])
+    backbone = build_backbone(cfg.backbone, "none")
+    data = build_run_data(cfg, backbone, print)
+    indices = np.array([3, 0, 7])  # unsorted: the cached path reorders its memmap reads
+    cached, cached_labels = load_batch(data, backbone, indices, torch.device("cpu"), with_labels=True)
+    live, live_labels = load_batch(dataclasses.replace(data, train=None), backbone, indices, torch.device("cpu"),
+                                   with_labels=True)
+    assert cached.shape == live.shape == (3, 384, 2, 2)
+    torch.testing.assert_close(cached, live, rtol=1e-2, atol=1e-2)  # float16 storage
+    assert torch.equal(cached_labels, live_labels)
