@@ -32,8 +32,7 @@ from compare.evaluate import (
 )
 from compare.figure import figure_indices_for, save_comparison_figure
 from compare.report import markdown_table, untrained_banner, write_reports
-
-RANDOM_WEIGHTS_ID = "random-seed0"
+from dinov2_patched import RANDOM_WEIGHTS_ID
 
 
 @dataclass

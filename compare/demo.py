@@ -1,0 +1,155 @@
+"""`make demo`: train every method briefly on the bundled CamVid sample and compare them side by side.
+
+    python -m compare.demo [--out demo_output] [--weights PATH|none] [--fast]
+
+1. Resolves pretrained DINOv2 ViT-S/14 weights (torch hub cache, else download). Where neither works it prints a
+   banner saying where to put the file and goes on with random weights; the report then labels every number as
+   coming from an untrained backbone.
+2. Builds the feature caches the comparison needs (the trainers build theirs; all are reused on a re-run).
+3. Trains every method in `METHODS` with its short demo settings, each in its own process, skipping a run whose
+   export/segmenter.pt already exists for the same backbone weights.
+4. Runs the comparison and prints the table and the paths of report.md and comparison.png.
+
+`--fast` shrinks everything (tiny resolution, a few steps) for the test suite; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from compare.run import CompareSettings, ComparisonOutput, print_summary, run_comparison
+
+DATASET = "camvid_sample"
+BACKBONE = "dinov2_vits14"
+RANDOM = "none"
+
+# (method directory under runs/, training command, overrides for --fast). A new method adds one line; every
+# command takes the common trainer keys name=, output_root=, backbone_weights=, cache_dir=, device=.
+METHODS: list[tuple[str, list[str], list[str]]] = [
+    ("stego", ["-m", "stego.train", "--config", "stego/configs/demo.yaml"],
+     ["five_crop=false", "resolution=56", "val_resolution=56", "code_dim=8", "feature_samples=4", "neg_samples=2",
+      "batch_size=4", "val_batch_size=8", "max_steps=2", "val_every=1000", "crf_at_end=false", "n_figure_images=1"]),
+    ("kmeans", ["-m", "baselines.kmeans.fit", f"dataset={DATASET}"],
+     ["resolution=56", "val_resolution=56", "n_init=1", "max_iter=10", "max_samples=2000", "evaluate=false"]),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+FULL = {"resolution": 322, "run_name": "demo"}
+FAST = {"resolution": 56, "run_name": "demo_fast"}
+
+
+def banner(lines: list[str]) -> str:
+    """A boxed message that stands out in a terminal log."""
+    width = max(len(line) for line in lines) + 4
+    return "\n".join(["#" * width, *[f"# {line.ljust(width - 4)} #" for line in lines], "#" * width])
+
+
+def resolve_weights(weights: str | None) -> str:
+    """The weights argument every step uses: a file path, or "none" (random) when no pretrained file is found."""
+    if weights:
+        return weights
+    from dinov2_patched import WeightsNotFoundError, model_spec
+    from dinov2_patched.weights import cache_dir, resolve_weights
+
+    try:
+        return str(resolve_weights(BACKBONE, None, None, True))
+    except WeightsNotFoundError as error:
+        target = cache_dir() / model_spec(BACKBONE)["file"]
+        print(banner([
+            "PRETRAINED WEIGHTS UNAVAILABLE: the demo runs on a RANDOM (untrained) DINOv2 ViT-S/14.",
+            "Every number it reports comes from an untrained backbone and means nothing.",
+            f"To fix: put {target.name} into {target.parent}/",
+            "(or pass --weights PATH), then run `make demo` again.",
+        ]), flush=True)
+        print(f"reason: {error}", flush=True)
+        return RANDOM
+
+
+def build_caches(weights: str, resolution: int, cache_dir: str) -> str:
+    """Cache the validation features (image and flip) the comparison reads; returns the backbone's weights id."""
+    from shared.backbone import build_backbone
+    from shared.data import build_dataset
+    from shared.data.feature_cache import FeatureCache
+
+    backbone = build_backbone(BACKBONE, weights, device="cpu")
+    dataset = build_dataset(DATASET, "val", resolution=resolution)
+    cache = FeatureCache(cache_dir)
+    for flip in (False, True):
+        cache.get(backbone, dataset, flip=flip)
+    return backbone.weights_id
+
+
+def finished(run_dir: Path, weights_id: str) -> bool:
+    """True when the run exported a segmenter over the same backbone weights (so it need not be retrained)."""
+    path = run_dir / "export" / "segmenter.pt"
+    if not path.is_file():
+        return False
+    from shared.segmenter import load
+
+    try:
+        return load(path).metadata.get("backbone_weights_id") == weights_id
+    except Exception:  # noqa: BLE001 - an unreadable export is retrained
+        return False
+
+
+def train_methods(out: Path, weights: str, weights_id: str, cache_dir: str, fast: bool) -> list[str]:
+    """Train (or reuse) every method's demo run; returns the run directories that have an export."""
+    run_name = (FAST if fast else FULL)["run_name"]
+    runs = []
+    for method, command, fast_overrides in METHODS:
+        run_dir = out / "runs" / method / DATASET / run_name
+        if finished(run_dir, weights_id):
+            print(f"[demo] {method}: reusing {run_dir}", flush=True)
+        else:
+            common = [f"name={run_name}", f"output_root={out / 'runs'}", f"backbone_weights={weights}",
+                      f"cache_dir={cache_dir}", "device=cpu"]
+            argv = [sys.executable, *command, *common, *(fast_overrides if fast else [])]
+            print(f"[demo] {method}: training -> {run_dir}\n       {' '.join(argv[1:])}", flush=True)
+            started = time.perf_counter()
+            done = subprocess.run(argv, cwd=REPO, check=False)
+            state = "done" if done.returncode == 0 else f"FAILED (exit code {done.returncode})"
+            print(f"[demo] {method}: {state} in {time.perf_counter() - started:.0f} s", flush=True)
+        # A failed or missing run is still listed, so the report shows it as failed instead of hiding it.
+        runs.append(str(run_dir))
+    return runs
+
+
+def run_demo(out: str | Path = "demo_output", weights: str | None = None, fast: bool = False,
+             cache_dir: str = "cache/features") -> ComparisonOutput:
+    """The whole demo; returns the comparison's output (header, results, written paths)."""
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    cache_dir = str(Path(cache_dir).resolve())  # the trainers run with the repository as working directory
+    settings = FAST if fast else FULL
+    print(f"[demo] backbone {BACKBONE}: resolving weights", flush=True)
+    weights = resolve_weights(weights)
+    print(f"[demo] building feature caches in {cache_dir}", flush=True)
+    weights_id = build_caches(weights, settings["resolution"], cache_dir)
+    runs = train_methods(out, weights, weights_id, cache_dir, fast)
+    print("[demo] comparing", flush=True)
+    output = run_comparison(CompareSettings(
+        dataset=DATASET, runs=runs, split="val", resolution=settings["resolution"],
+        backbone_weights=weights, out=str(out / "compare"), cache_dir=cache_dir, device="cpu",
+        crf=True, figure_rows=4, panel=96 if fast else 160))
+    print_summary(output)
+    print(f"[demo] finished in {time.perf_counter() - started:.0f} s", flush=True)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m compare.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_output", help="folder for the runs and the report")
+    parser.add_argument("--weights", default=None, help="DINOv2 ViT-S/14 weight file, or 'none' for random weights")
+    parser.add_argument("--fast", action="store_true", help="tiny sizes and step counts (for tests)")
+    parser.add_argument("--cache-dir", default="cache/features")
+    args = parser.parse_args(argv)
+    output = run_demo(args.out, args.weights, args.fast, args.cache_dir)
+    return 0 if all(r.status == "ok" for r in output.results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

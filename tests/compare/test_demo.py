@@ -1,0 +1,42 @@
+"""compare.demo end to end: random weights, tiny sizes (--fast); the full-size demo is a slow test."""
+
+import json
+
+import pytest
+
+from compare import demo
+
+
+def _check_output(output, out_dir):
+    methods = [name for name, _, _ in demo.METHODS]
+    assert len(output.results) == len(methods)
+    assert [r.status for r in output.results] == ["ok"] * len(methods), [r.error for r in output.results]
+    report = (out_dir / "compare" / "report.md").read_text()
+    assert "UNTRAINED BACKBONE" in report  # random weights: every number is labelled as such
+    assert (out_dir / "compare" / "comparison.png").is_file()
+    data = json.loads((out_dir / "compare" / "results.json").read_text())
+    assert data["header"]["dataset"] == "camvid_sample" and data["header"]["backbones"][0]["pretrained"] is False
+    for result in data["results"]:
+        assert 0 <= result["unsupervised"]["acc"] <= 100 and result["crf"] is not None
+
+
+def test_fast_demo_runs_end_to_end_and_reuses_finished_runs(tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    output = demo.run_demo(tmp_path / "demo", weights="none", fast=True, cache_dir=cache)
+    _check_output(output, tmp_path / "demo")
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "| method |" in printed
+    # A second run trains nothing: every finished run (same backbone weights) is reused.
+    weights_id = output.header["backbones"][0]["weights_id"]
+    runs = demo.train_methods(tmp_path / "demo", "none", weights_id, cache, fast=True)
+    printed = capsys.readouterr().out
+    assert printed.count("reusing") == len(demo.METHODS) and "training ->" not in printed
+    assert runs == [r.path for r in output.results]
+    # Runs over other weights are not reused.
+    assert not demo.finished(tmp_path / "demo" / "runs" / "kmeans" / "camvid_sample" / "demo_fast", "other")
+
+
+@pytest.mark.slow
+def test_full_demo_with_random_weights(tmp_path):
+    output = demo.run_demo(tmp_path / "demo", weights="none", fast=False, cache_dir=str(tmp_path / "cache"))
+    _check_output(output, tmp_path / "demo")
