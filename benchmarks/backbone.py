@@ -2,7 +2,9 @@
 
 Configurations: "fp32" and "bf16" are shared.backbone.FrozenBackbone as the methods use it (bf16: autocast
 with the matmul weights cast to bf16 once); "bf16_autocast_only" is plain autocast on float32 weights, to
-show what the one-time cast buys (its outputs are bitwise the same as "bf16").
+show what the one-time cast buys (its outputs are bitwise the same as "bf16"); "fp32_explicit_attention"
+runs every block through the explicit-softmax path, which is how the official DINOv2 code computes
+attention on a CPU without xformers, as a stand-in for the official implementation's speed.
 
     python -m benchmarks.backbone [--repeats 5]
 
@@ -53,6 +55,12 @@ def _configs(model: torch.nn.Module, images: torch.Tensor, use_bf16: bool) -> di
     tokens = lambda features: features.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, N, C)
     fp32 = FrozenBackbone(copy.deepcopy(model), force_float32=True)
     configs = {"fp32": lambda: tokens(fp32(images))}
+
+    @torch.no_grad()
+    def explicit_attention() -> torch.Tensor:
+        return fp32.model.forward_features(images, return_attention=True)["x_norm_patchtokens"]
+
+    configs["fp32_explicit_attention"] = explicit_attention
     if use_bf16:
         bf16 = FrozenBackbone(copy.deepcopy(model))
         configs["bf16"] = lambda: tokens(bf16(images))
@@ -69,8 +77,8 @@ def _configs(model: torch.nn.Module, images: torch.Tensor, use_bf16: bool) -> di
     return configs
 
 
-def run(repeats: int = 5) -> dict[str, float | bool | None]:
-    """Medians over `repeats` rounds: images/s per configuration, ratios, bf16 cosine, timm parity."""
+def measure(repeats: int = 5) -> dict[str, float | bool | None]:
+    """Flat medians over `repeats` rounds: images/s per configuration, ratios, bf16 cosine, timm parity."""
     torch.set_num_threads(THREADS)
     model = build_model(MODEL, weights="none")
     images = torch.randn(BATCH, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0))
@@ -84,6 +92,7 @@ def run(repeats: int = 5) -> dict[str, float | bool | None]:
     speed = {name: BATCH / statistics.median(values) for name, values in times.items()}
     result: dict[str, float | bool | None] = {f"{name}_images_per_s": value for name, value in speed.items()}
     result["bf16_supported"] = use_bf16
+    result["fp32_over_explicit_attention"] = speed["fp32"] / speed["fp32_explicit_attention"]
     if use_bf16:
         result["bf16_over_fp32"] = speed["bf16"] / speed["fp32"]
         result["bf16_autocast_only_over_fp32"] = speed["bf16_autocast_only"] / speed["fp32"]
@@ -93,6 +102,39 @@ def run(repeats: int = 5) -> dict[str, float | bool | None]:
         result["fp32_over_timm"] = speed["fp32"] / speed["timm_fp32"]
         result["timm_max_abs_diff"] = (outputs["timm_fp32"] - outputs["fp32"]).abs().max().item()
     return result
+
+
+_ROWS = [  # (configuration, row name, reference configuration)
+    ("fp32", "ours fp32", None),
+    ("bf16", "ours bf16 autocast (weights cast once)", "fp32"),
+    ("bf16_autocast_only", "ours bf16 autocast only", "fp32"),
+    ("fp32_explicit_attention", "ours fp32, explicit attention (official-style)", "fp32"),
+    ("timm_fp32", "timm vit_small_patch14_dinov2 fp32", "fp32"),
+]
+
+
+def run(repeats: int = 5) -> dict:
+    """benchmarks.run_all schema (title, rows with ratios, notes) plus "metrics": the flat medians of `measure`."""
+    metrics = measure(repeats)
+    speeds = {name: metrics.get(f"{name}_images_per_s") for name, _, _ in _ROWS}
+    rows = []
+    for name, label, reference in _ROWS:
+        if speeds[name] is None:
+            continue
+        row = {"name": label, "value": speeds[name], "unit": "images/s"}
+        if reference is not None:
+            row |= {"reference": "ours fp32", "ratio": speeds[name] / speeds[reference]}
+        rows.append(row)
+    notes = [f"random weights, batch {BATCH}, {THREADS} threads, medians of {repeats} interleaved rounds"]
+    if metrics.get("bf16_cosine_min") is not None:
+        notes.append(f"bf16 vs fp32 patch features: cosine mean {metrics['bf16_cosine_mean']:.6f}, "
+                     f"min {metrics['bf16_cosine_min']:.6f}")
+    else:
+        notes.append("this CPU has no native bf16: bf16 rows skipped")
+    if metrics.get("timm_max_abs_diff") is not None:
+        notes.append(f"timm on our weights: max abs difference {metrics['timm_max_abs_diff']:.3g}")
+    title = f"Backbone forward, {MODEL}, {RESOLUTION}x{RESOLUTION}"
+    return {"title": title, "rows": rows, "notes": notes, "metrics": metrics}
 
 
 def _format(value: float | bool | None) -> str:
@@ -105,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
     args = parser.parse_args(argv)
-    result = run(args.repeats)
+    result = measure(args.repeats)
     print(f"{MODEL}, random weights, {RESOLUTION} px, batch {BATCH}, {THREADS} threads, {args.repeats} rounds")
     for key, value in result.items():
         print(f"  {key:<32} {_format(value)}")
