@@ -77,7 +77,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TRAINER)]
     cmd += [f"output_root={tmp_path}", "name=ddp", "device=cpu", *common]
     done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    assert load_checkpoint(tmp_path / "single" / "final.pt")["rank_sum"] == 1.0
+    assert load_checkpoint(tmp_path / "ddp" / "final.pt")["rank_sum"] == 3.0  # all_reduce_sum over ranks 0 and 1
     single, ddp = final_weights(tmp_path, "single"), final_weights(tmp_path, "ddp")
     assert single.keys() == ddp.keys()
     for key in single:  # float64: only summation order differs between the two runs

@@ -40,7 +40,7 @@ from shared.checkpoint import (  # noqa: E402
     save_checkpoint,
 )
 from shared.config import parse_args, save_resolved_config  # noqa: E402
-from shared.dist import distributed  # noqa: E402
+from shared.dist import all_reduce_mean, all_reduce_sum, barrier, broadcast_object, distributed  # noqa: E402
 from shared.logger import RunLogger  # noqa: E402
 from shared.run_guard import StopSignal, check_finite  # noqa: E402
 from shared.seed import seed_everything  # noqa: E402
@@ -140,7 +140,7 @@ def main(cfg: TinyConfig) -> int:
             loss.backward()  # DDP averages gradients over ranks: the gradient of the global-batch mean
             opt.step()
             step += 1
-            log.scalars(step, {"loss": loss.item()}, prefix="train")
+            log.scalars(step, {"loss": all_reduce_mean(loss.detach().clone()).item()}, prefix="train")  # global mean
             if step == cfg.crash_after_step:
                 raise RuntimeError(f"simulated crash after step {step}")
             if step % cfg.save_every == 0:
@@ -150,8 +150,14 @@ def main(cfg: TinyConfig) -> int:
                 save()
                 log.write(f"stopped by {stop.signal_name or 'signal'} at step {step}; checkpoint saved")
                 break
+        # The collective helpers in a real job: rank r contributes r + 1; rank 0's object reaches every rank.
+        rank_sum = all_reduce_sum(torch.tensor([ctx.rank + 1.0])).item()
+        if broadcast_object({"from": ctx.rank})["from"] != 0:
+            raise RuntimeError(f"broadcast_object did not deliver rank 0's object to rank {ctx.rank}")
+        barrier()
         if ctx.is_main and step >= cfg.steps:
-            save_checkpoint({"model": model.state_dict(), "step": step}, run_dir / "final.pt")
+            final = {"model": model.state_dict(), "step": step, "rank_sum": rank_sum}
+            save_checkpoint(final, run_dir / "final.pt")
             print(json.dumps({"final_step": step}), flush=True)
         log.close()
     return 0
