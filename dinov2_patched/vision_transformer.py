@@ -69,17 +69,19 @@ class VisionTransformer(nn.Module):
         return tokens
 
     def _run_blocks(
-        self, tokens: torch.Tensor, keep: Iterable[int] = (), maps_for: Iterable[int] = ()
+        self, tokens: torch.Tensor, keep: Iterable[int] = (), maps_for: Iterable[int] = (), stop_early: bool = False
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, AttentionMaps]]:
-        """Runs every block on (B, T, C) tokens.
+        """Runs the blocks on (B, T, C) tokens.
 
-        Returns the final tokens, the outputs of the blocks in `keep` and the attention maps of the blocks in
-        `maps_for` (those blocks take the explicit-softmax path; all others the fused one).
+        Returns the last computed tokens, the outputs of the blocks in `keep` and the attention maps of the
+        blocks in `maps_for` (those blocks take the explicit-softmax path; all others the fused one). With
+        `stop_early`, blocks after the last one in `keep`/`maps_for` are skipped (their output is unused).
         """
         keep, maps_for = set(keep), set(maps_for)
         kept: dict[int, torch.Tensor] = {}
         maps: dict[int, AttentionMaps] = {}
-        for index, block in enumerate(self.blocks):
+        last = max(keep | maps_for, default=-1) if stop_early else self.n_blocks - 1
+        for index, block in enumerate(self.blocks[: last + 1]):
             tokens, block_maps = block(tokens, return_maps=index in maps_for)
             if block_maps is not None:
                 maps[index] = block_maps
@@ -145,7 +147,7 @@ class VisionTransformer(nn.Module):
         applied first. With `return_class_token` each item is a pair (patch tokens, class token (B, C)).
         """
         indices = self.block_indices(n)
-        _, kept, _ = self._run_blocks(self.prepare_tokens(x), keep=indices)
+        _, kept, _ = self._run_blocks(self.prepare_tokens(x), keep=indices, stop_early=True)
         outputs = [self.norm(kept[i]) if norm else kept[i] for i in indices]
         class_tokens = [out[:, 0] for out in outputs]
         patches = [out[:, 1 + self.num_register_tokens :] for out in outputs]
@@ -167,5 +169,5 @@ class VisionTransformer(nn.Module):
         """Attention maps with q, k, v of the listed blocks (negative indices allowed), in the order listed."""
         self.block_indices(list(blocks))  # validates the indices
         indices = [i % self.n_blocks for i in blocks]
-        _, _, maps = self._run_blocks(self.prepare_tokens(x), maps_for=indices)
+        _, _, maps = self._run_blocks(self.prepare_tokens(x), maps_for=indices, stop_early=True)
         return [maps[i] for i in indices]

@@ -62,3 +62,20 @@ def test_size_not_divisible_by_patch(setup):
     model, _, _ = setup
     with pytest.raises(ValueError, match=r"13x20 is not divisible by the patch size 4"):
         model.forward_features(torch.randn(1, 3, 13, 20))
+
+
+def test_blocks_after_the_last_requested_one_are_skipped(setup):
+    model, images, _ = setup
+    calls = []
+    hook = model.blocks[2].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            (early,) = model.get_intermediate_layers(images, n=[1], norm=False)
+            maps = model.get_block_qkv(images, [0, 1])
+        assert calls == []
+        model.get_intermediate_layers(images, n=1)
+        assert calls == [1]
+    finally:
+        hook.remove()
+    assert torch.allclose(early, block_outputs(model, images)[1][:, 5:])
+    assert [m.k.shape[2] for m in maps] == [20, 20]
