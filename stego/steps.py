@@ -95,6 +95,8 @@ def step_losses(modules: nn.ModuleDict, head: nn.Module, feats: torch.Tensor, fe
     cluster_loss, _ = modules["cluster_probe"](detached, None)
     linear_loss = torch.zeros((), device=feats.device)
     if labels is not None:
+        if cfg.linear_label_stride > 1:  # nearest subsampling: a cheaper probe loss, same label distribution
+            labels = labels[:, ::cfg.linear_label_stride, ::cfg.linear_label_stride]
         linear_probe = modules["linear_probe"]
         linear_loss = linear_probe.loss(linear_probe(detached), labels)
     total = corr + linear_loss + cluster_loss
