@@ -77,6 +77,19 @@ def test_every_trainable_parameter_receives_a_gradient():
         float(logs["loss/correspondence"] + logs["loss/linear"] + logs["loss/cluster"]), rel=1e-5)
 
 
+def test_linear_label_stride_scores_every_sth_pixel():
+    torch.manual_seed(0)
+    data = make_synthetic(n_images=4, label_scale=4)
+    cfg = StegoConfig(code_dim=6, feature_samples=3, neg_samples=1, linear_label_stride=2)
+    modules = build_modules(cfg, data.features.shape[1], 4).eval()  # eval: no dropout, so the code is repeatable
+    feats = torch.from_numpy(data.features.astype(np.float32))
+    labels = torch.from_numpy(data.labels.astype(np.int64))
+    _, logs = step_losses(modules, modules["head"], feats, feats.flip(0), labels, cfg)
+    probe = modules["linear_probe"]
+    expected = probe.loss(probe(modules["head"](feats)[1]), labels[:, ::2, ::2])
+    assert float(logs["loss/linear"]) == pytest.approx(float(expected), rel=1e-6)
+
+
 def _train_and_score(data, knn, steps, train_head):
     torch.manual_seed(0)
     # Higher learning rates than the paper's so a few hundred tiny steps suffice.
@@ -100,7 +113,7 @@ def test_tiny_stego_run_learns_the_planted_classes():
     data = make_synthetic(noise=0.4, seed=0)
     knn = knn_of(data)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # hundreds of tiny ops: one thread is fastest, and the result does not vary with it
+    torch.set_num_threads(1)  # hundreds of tiny ops run fastest on one thread
     try:
         untrained = _train_and_score(data, knn, 200, train_head=False)
         trained = _train_and_score(data, knn, 200, train_head=True)
