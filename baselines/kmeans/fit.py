@@ -91,7 +91,7 @@ def fit_linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, s
 
 
 def export(path: Path, cfg: KMeansConfig, centres: torch.Tensor, probe: LinearProbe | None, backbone,
-           n_classes: int) -> None:
+           n_classes: int, resolution: int) -> None:
     """Segmenter: code = l2norm(features); cluster centres = the k-means centres."""
     linear = {}
     if probe is not None:
@@ -101,7 +101,7 @@ def export(path: Path, cfg: KMeansConfig, centres: torch.Tensor, probe: LinearPr
         path, code_branches=[[{"op": "l2norm"}]], state_dict={}, cluster_centres=centres, alpha=cfg.alpha, **linear,
         metadata={"method": "kmeans", "backbone": cfg.backbone, "backbone_weights_id": backbone.weights_id,
                   "pretrained_backbone": bool(backbone.pretrained), "feature_layer": cfg.feature_layer,
-                  "resolution": cfg.val_resolution, "n_classes": n_classes, "n_clusters": int(centres.shape[0]),
+                  "resolution": resolution, "n_classes": n_classes, "n_clusters": int(centres.shape[0]),
                   "code_dim": int(centres.shape[1]), "dataset": cfg.dataset, "probabilistic": False})
 
 
@@ -124,6 +124,11 @@ def kmeans_head(centres: torch.Tensor, alpha: float, probe: LinearProbe | None):
     return head_fn
 
 
+def snap_to_patch(resolution: int, patch: int) -> int:
+    """Nearest multiple of the patch size (320 -> 322 for /14 backbones), so no border patch is dropped."""
+    return max(patch, int(round(resolution / patch)) * patch)
+
+
 def main(cfg: KMeansConfig) -> dict:
     seed_everything(cfg.seed, cfg.deterministic)
     run_dir = Path(cfg.output_root) / "kmeans" / cfg.dataset / cfg.name
@@ -132,7 +137,9 @@ def main(cfg: KMeansConfig) -> dict:
     device = "cpu"  # k-means on a sample of patch vectors is cheap; the feature cache does the heavy lifting
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights or None, layer=cfg.feature_layer, device=device)
     data_root = cfg.data_root or None
-    train_ds = build_dataset(cfg.dataset, cfg.train_split, data_root=data_root, resolution=cfg.resolution,
+    res = snap_to_patch(cfg.resolution, backbone.patch_size)
+    val_res = snap_to_patch(cfg.val_resolution, backbone.patch_size)
+    train_ds = build_dataset(cfg.dataset, cfg.train_split, data_root=data_root, resolution=res,
                              five_crop=cfg.five_crop)
     cache = FeatureCache(cfg.cache_dir)
     train = cache.get(backbone, train_ds)
@@ -144,11 +151,11 @@ def main(cfg: KMeansConfig) -> dict:
     probe = None
     if cfg.linear_probe_steps > 0 and train.labels is not None:
         probe = fit_linear_probe(train.features, train.labels, train_ds.n_classes, cfg.linear_probe_steps, cfg.seed)
-    export(run_dir / "export" / "segmenter.pt", cfg, result.centres, probe, backbone, train_ds.n_classes)
+    export(run_dir / "export" / "segmenter.pt", cfg, result.centres, probe, backbone, train_ds.n_classes, val_res)
 
     metrics = {"inertia": result.inertia, "n_clusters": k}
     if cfg.evaluate:
-        val_ds = build_dataset(cfg.dataset, cfg.val_split, data_root=data_root, resolution=cfg.val_resolution)
+        val_ds = build_dataset(cfg.dataset, cfg.val_split, data_root=data_root, resolution=val_res)
         if val_ds.has_labels:
             val, val_flip = cache.get(backbone, val_ds), cache.get(backbone, val_ds, flip=True)
             scores = evaluate_head(kmeans_head(result.centres, cfg.alpha, probe), val, flipped=val_flip,
