@@ -45,14 +45,18 @@ def tensor_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bchw,bckl->bhwkl", a, b)
 
 
-def feature_correlation(f1: torch.Tensor, f2: torch.Tensor, pointwise: bool = True) -> torch.Tensor:
+def feature_correlation(f1: torch.Tensor, f2: torch.Tensor, pointwise: bool = True,
+                        normalized: bool = False) -> torch.Tensor:
     """F of two sampled feature maps (B, C, S, S) -> (B, S, S, S, S), without gradient.
 
     Pointwise centring subtracts, for each position of the first image, the mean over the second image's
     positions, then adds back the global mean from before, so the shift b keeps its original scale.
+    `normalized=True` skips the L2 normalisation when the caller has done it already.
     """
     with torch.no_grad():
-        corr = tensor_correlation(l2_normalize(f1), l2_normalize(f2))
+        if not normalized:
+            f1, f2 = l2_normalize(f1), l2_normalize(f2)
+        corr = tensor_correlation(f1, f2)
         if pointwise:
             global_mean = corr.mean()
             corr = corr - corr.mean(dim=(3, 4), keepdim=True)
@@ -61,13 +65,17 @@ def feature_correlation(f1: torch.Tensor, f2: torch.Tensor, pointwise: bool = Tr
 
 
 def pair_loss(f1: torch.Tensor, f2: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, shift: float, *,
-              pointwise: bool = True, zero_clamp: bool = True, stabilize: bool = False) -> torch.Tensor:
+              pointwise: bool = True, zero_clamp: bool = True, stabilize: bool = False,
+              normalized: bool = False) -> torch.Tensor:
     """L(x, y; b) on sampled features f (B, C, S, S) and codes c (B, D, S, S) -> scalar.
 
     zero_clamp clamps S at 0 from below (on by default); stabilize also clamps it at 0.8 from above.
+    `normalized=True` means f and c are already L2-normalised over channels.
     """
-    feat_corr = feature_correlation(f1, f2, pointwise)
-    code_corr = tensor_correlation(l2_normalize(c1), l2_normalize(c2))
+    feat_corr = feature_correlation(f1, f2, pointwise, normalized=normalized)
+    if not normalized:
+        c1, c2 = l2_normalize(c1), l2_normalize(c2)
+    code_corr = tensor_correlation(c1, c2)
     low = 0.0 if zero_clamp else None
     high = 0.8 if stabilize else None
     if low is not None or high is not None:
@@ -107,17 +115,25 @@ def correspondence_loss(signal: torch.Tensor, signal_knn: torch.Tensor, code: to
     batch, device = signal.shape[0], signal.device
     grid1 = random_grid(batch, feature_samples, device=device, generator=generator)
     grid2 = random_grid(batch, feature_samples, device=device, generator=generator)
-    f1, c1 = sample_at(signal, grid1), sample_at(code, grid1)  # (B, C, S, S), (B, D, S, S)
-    f2, c2 = sample_at(signal_knn, grid2), sample_at(code_knn, grid2)
-    opts = dict(pointwise=pointwise, zero_clamp=zero_clamp, stabilize=stabilize)
+
+    def read(feats: torch.Tensor, code: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Normalised once here rather than in every pair term: (B, C, S, S), (B, D, S, S).
+        return l2_normalize(sample_at(feats, grid)), l2_normalize(sample_at(code, grid))
+
+    f1, c1 = read(signal, code, grid1)
+    f2, c2 = read(signal_knn, code_knn, grid2)
+    opts = dict(pointwise=pointwise, zero_clamp=zero_clamp, stabilize=stabilize, normalized=True)
 
     loss_self = pair_loss(f1, f1, c1, c1, weights.shift_self, **opts)  # same grid, as in the original
     loss_knn = pair_loss(f1, f2, c1, c2, weights.shift_knn, **opts)
     rand_terms = []
-    for _ in range(neg_samples):
-        perm = derangement(batch, device=device, generator=generator)
-        f_neg, c_neg = sample_at(signal[perm], grid2), sample_at(code[perm], grid2)
-        rand_terms.append(pair_loss(f1, f_neg, c1, c_neg, weights.shift_rand, **opts))
+    if neg_samples > 0:
+        # Each image read once at grid2 and then permuted: the partner of image b is image perm[b] at the grid
+        # row perm[b]. The original read image perm[b] at row b; both are independent uniform coordinates.
+        f3, c3 = read(signal, code, grid2)
+        for _ in range(neg_samples):
+            perm = derangement(batch, device=device, generator=generator)
+            rand_terms.append(pair_loss(f1, f3[perm], c1, c3[perm], weights.shift_rand, **opts))
     loss_rand = torch.stack(rand_terms).mean() if rand_terms else code.new_zeros(())
 
     total = weights.lambda_self * loss_self + weights.lambda_knn * loss_knn + weights.lambda_rand * loss_rand

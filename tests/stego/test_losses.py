@@ -112,7 +112,8 @@ def test_total_loss_combines_terms_with_their_weights():
     rand = []
     for _ in range(3):
         perm = derangement(4, generator=g)
-        rand.append(float(pair_loss(f1, sample_at(feats[perm], grid2), c1, sample_at(code[perm], grid2), 0.4)))
+        # The partner of image b is image perm[b], read at grid row perm[b].
+        rand.append(float(pair_loss(f1, sample_at(feats, grid2)[perm], c1, sample_at(code, grid2)[perm], 0.4)))
     assert float(parts["rand"]) == pytest.approx(sum(rand) / 3, rel=1e-6)
 
 
