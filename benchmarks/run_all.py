@@ -188,9 +188,9 @@ def run_benchmarks(selected: list[str] | None = None, repeats: int = 1) -> list[
     return sections
 
 
-def write_results(path: Path, sections: list[str]) -> Path:
-    """Write the machine description and the sections to `path` atomically."""
-    text = "\n".join(["# Benchmark results", "", *machine_lines(), "",
+def write_results(path: Path, sections: list[str], machine: list[str] | None = None) -> Path:
+    """Write the machine description (default: as it is now) and the sections to `path` atomically."""
+    text = "\n".join(["# Benchmark results", "", *(machine or machine_lines()), "",
                       "Each value is the median of several runs; ratios compare with a reference measured in the "
                       "same run.", "", *sections])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="call each run() this many times (median)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    path = write_results(args.out, run_benchmarks(args.only, args.repeats))
+    machine = machine_lines()  # before the benchmarks, some of which change torch's thread count
+    path = write_results(args.out, run_benchmarks(args.only, args.repeats), machine)
     print(path.read_text())
     print(f"written: {path}")
     return 0
