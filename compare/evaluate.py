@@ -95,10 +95,15 @@ def resolve_segmenter_path(run: str | Path) -> Path:
 
 
 def _display_name(run: str, metadata: dict | None) -> str:
+    """`<method>/<run name>` from the metadata, else from the layout runs/<method>/<dataset>/<name>."""
     path = Path(run)
-    run_name = path.parent.parent.name if path.suffix == ".pt" else path.name
-    method = (metadata or {}).get("method") or (path.parent.parent.name if path.is_dir() else path.stem)
-    return f"{method}/{run_name}" if run_name and run_name != method else str(method)
+    method = (metadata or {}).get("method")
+    if path.suffix == ".pt" and path.parent.name != "export":
+        return f"{method}/{path.stem}" if method else path.stem
+    if path.suffix == ".pt":
+        path = path.parent.parent
+    method = method or path.parent.parent.name
+    return f"{method}/{path.name}" if method and method != path.name else path.name or str(run)
 
 
 def load_methods(runs: Sequence[str]) -> list[LoadedMethod]:
