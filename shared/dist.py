@@ -138,14 +138,21 @@ def cleanup_distributed() -> None:
 def distributed(device: str | torch.device = "auto") -> Iterator[DistContext]:
     """Context manager: initialise (see ``init_distributed``), yield the DistContext, destroy in ``finally``.
 
-    A group that already existed on entry is left alone on exit.
+    A group that already existed on entry is left alone on exit. On a normal exit the ranks first meet at a
+    barrier, so no rank tears its group down (and exits) while a peer is still finishing, e.g. rank 0 writing
+    the final checkpoint; after an exception there is no barrier (the other ranks may never arrive).
+    Build the DDP model inside a function called in the ``with`` block, so it is released before the group.
     """
     owned = not is_initialized()
     ctx = init_distributed(device)
+    finished = False
     try:
         yield ctx
+        finished = True
     finally:
         if owned:
+            if finished:
+                barrier()
             cleanup_distributed()
 
 

@@ -40,7 +40,14 @@ from shared.checkpoint import (  # noqa: E402
     save_checkpoint,
 )
 from shared.config import parse_args, save_resolved_config  # noqa: E402
-from shared.dist import all_reduce_mean, all_reduce_sum, barrier, broadcast_object, distributed  # noqa: E402
+from shared.dist import (  # noqa: E402
+    DistContext,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    distributed,
+)
 from shared.logger import RunLogger  # noqa: E402
 from shared.run_guard import StopSignal, check_finite  # noqa: E402
 from shared.seed import seed_everything  # noqa: E402
@@ -95,71 +102,74 @@ def batches(loader: DataLoader, sampler: DistributedSampler, start_step: int):
         epoch, skip = epoch + 1, 0
 
 
-def main(cfg: TinyConfig) -> int:
+def train(cfg: TinyConfig, ctx: DistContext, stop: StopSignal) -> None:
+    """The run itself; a function so the DDP model is released before ``distributed()`` tears down the group."""
     run_dir = Path(cfg.output_root) / cfg.name
-    with distributed(cfg.device) as ctx, StopSignal() as stop:
-        if cfg.global_batch % ctx.world_size:
-            raise ValueError(f"global_batch={cfg.global_batch} must be divisible by {ctx.world_size} ranks.")
-        seed_everything(cfg.seed, cfg.deterministic)  # same seed on every rank: identical initial weights
-        model = make_model(cfg).to(ctx.device)
-        ddp = DistributedDataParallel(model)
-        opt = torch.optim.Adam(ddp.parameters(), lr=cfg.lr)
-        data = make_dataset(cfg)
-        sampler = DistributedSampler(data, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        # Each new DataLoader iterator draws a seed from its `generator`; without one it would consume the global
-        # torch RNG at a different point in a resumed run (which starts an iterator mid-epoch) and break exactness.
-        loader_rng = torch.Generator().manual_seed(cfg.seed)
-        per_rank = cfg.global_batch // ctx.world_size
-        loader = DataLoader(data, batch_size=per_rank, sampler=sampler, drop_last=True, generator=loader_rng)
+    if cfg.global_batch % ctx.world_size:
+        raise ValueError(f"global_batch={cfg.global_batch} must be divisible by {ctx.world_size} ranks.")
+    seed_everything(cfg.seed, cfg.deterministic)  # same seed on every rank: identical initial weights
+    model = make_model(cfg).to(ctx.device)
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.Adam(ddp.parameters(), lr=cfg.lr)
+    data = make_dataset(cfg)
+    sampler = DistributedSampler(data, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    # Each new DataLoader iterator draws a seed from its `generator`; without one it would consume the global
+    # torch RNG at a different point in a resumed run (which starts an iterator mid-epoch) and break exactness.
+    loader_rng = torch.Generator().manual_seed(cfg.seed)
+    per_rank = cfg.global_batch // ctx.world_size
+    loader = DataLoader(data, batch_size=per_rank, sampler=sampler, drop_last=True, generator=loader_rng)
+    if ctx.is_main:
+        save_resolved_config(cfg, run_dir)
+    log = RunLogger(run_dir, enabled=ctx.is_main)
+    step = 0
+    ckpt = resolve_resume(cfg.resume, run_dir)
+    if ckpt is not None:
+        step = restore_checkpoint(load_checkpoint(ckpt), model=ddp, optimizers={"main": opt}, method=METHOD)
+        log.write(f"resumed from {ckpt} at step {step}")
+
+    def save() -> None:
+        rng = gather_rng_states()  # collective: every rank takes part
         if ctx.is_main:
-            save_resolved_config(cfg, run_dir)
-        log = RunLogger(run_dir, enabled=ctx.is_main)
-        step = 0
-        ckpt = resolve_resume(cfg.resume, run_dir)
-        if ckpt is not None:
-            step = restore_checkpoint(load_checkpoint(ckpt), model=ddp, optimizers={"main": opt}, method=METHOD)
-            log.write(f"resumed from {ckpt} at step {step}")
+            state = make_checkpoint(model=ddp, optimizers={"main": opt}, step=step, config=cfg, method=METHOD, rng=rng)
+            save_checkpoint(state, last_checkpoint_path(run_dir))
 
-        def save() -> None:
-            rng = gather_rng_states()  # collective: every rank takes part
-            if ctx.is_main:
-                state = make_checkpoint(
-                    model=ddp, optimizers={"main": opt}, step=step, config=cfg, method=METHOD, rng=rng
-                )
-                save_checkpoint(state, last_checkpoint_path(run_dir))
+    ddp.train()
+    stream = batches(loader, sampler, step)
+    while step < cfg.steps:
+        x, y = next(stream)
+        loss = nn.functional.mse_loss(ddp(x.to(ctx.device)), y.to(ctx.device))  # mean over the rank's batch
+        if step + 1 == cfg.nan_at_step:
+            loss = loss * float("nan")
+        check_finite(loss, step + 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages gradients over ranks: the gradient of the global-batch mean
+        opt.step()
+        step += 1
+        log.scalars(step, {"loss": all_reduce_mean(loss.detach().clone()).item()}, prefix="train")  # global mean
+        if step == cfg.crash_after_step:
+            raise RuntimeError(f"simulated crash after step {step}")
+        if step % cfg.save_every == 0:
+            save()
+        time.sleep(cfg.sleep_per_step)
+        if stop.sync():
+            save()
+            log.write(f"stopped by {stop.signal_name or 'signal'} at step {step}; checkpoint saved")
+            break
+    # The collective helpers in a real job: rank r contributes r + 1; rank 0's object reaches every rank.
+    rank_sum = all_reduce_sum(torch.tensor([ctx.rank + 1.0])).item()
+    if broadcast_object({"from": ctx.rank})["from"] != 0:
+        raise RuntimeError(f"broadcast_object did not deliver rank 0's object to rank {ctx.rank}")
+    barrier()
+    if ctx.is_main and step >= cfg.steps:
+        final = {"model": model.state_dict(), "step": step, "rank_sum": rank_sum}
+        save_checkpoint(final, run_dir / "final.pt")
+        print(json.dumps({"final_step": step}), flush=True)
+    log.close()
 
-        ddp.train()
-        stream = batches(loader, sampler, step)
-        while step < cfg.steps:
-            x, y = next(stream)
-            loss = nn.functional.mse_loss(ddp(x.to(ctx.device)), y.to(ctx.device))  # mean over the rank's batch
-            if step + 1 == cfg.nan_at_step:
-                loss = loss * float("nan")
-            check_finite(loss, step + 1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages gradients over ranks: the gradient of the global-batch mean
-            opt.step()
-            step += 1
-            log.scalars(step, {"loss": all_reduce_mean(loss.detach().clone()).item()}, prefix="train")  # global mean
-            if step == cfg.crash_after_step:
-                raise RuntimeError(f"simulated crash after step {step}")
-            if step % cfg.save_every == 0:
-                save()
-            time.sleep(cfg.sleep_per_step)
-            if stop.sync():
-                save()
-                log.write(f"stopped by {stop.signal_name or 'signal'} at step {step}; checkpoint saved")
-                break
-        # The collective helpers in a real job: rank r contributes r + 1; rank 0's object reaches every rank.
-        rank_sum = all_reduce_sum(torch.tensor([ctx.rank + 1.0])).item()
-        if broadcast_object({"from": ctx.rank})["from"] != 0:
-            raise RuntimeError(f"broadcast_object did not deliver rank 0's object to rank {ctx.rank}")
-        barrier()
-        if ctx.is_main and step >= cfg.steps:
-            final = {"model": model.state_dict(), "step": step, "rank_sum": rank_sum}
-            save_checkpoint(final, run_dir / "final.pt")
-            print(json.dumps({"final_step": step}), flush=True)
-        log.close()
+
+def main(cfg: TinyConfig) -> int:
+    with distributed(cfg.device) as ctx, StopSignal() as stop:
+        train(cfg, ctx, stop)
     return 0
 
 
