@@ -12,13 +12,14 @@ the original all-pixel probe loss.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.run_all import median_of
 from shared.backbone import build_backbone
 from stego.config import StegoConfig
 from stego.steps import IndexStream, apply_gradients, build_modules, build_optimizers, knn_partners, step_losses
@@ -41,6 +42,21 @@ def _make_step(cfg, modules, optimizers, batch_fn):
         counter["step"] += 1
 
     return step
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, timed in alternation so that load from other processes on a shared
+    machine falls on all of them alike (timing one after the other made the ratio swing by 10x)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def run(repeats: int = 5) -> dict:
@@ -66,10 +82,13 @@ def run(repeats: int = 5) -> dict:
             def uncached(indices):
                 return backbone(images[torch.from_numpy(indices)])
 
-            t_cached = median_of(_make_step(cfg, modules, optimizers, cached), repeats=repeats)
-            t_uncached = median_of(_make_step(cfg, modules, optimizers, uncached), repeats=repeats)
             full_labels = dataclasses.replace(cfg, linear_label_stride=1)  # the original probe resolution
-            t_full = median_of(_make_step(full_labels, modules, optimizers, cached), repeats=repeats)
+            times = interleaved_medians({
+                "cached": _make_step(cfg, modules, optimizers, cached),
+                "uncached": _make_step(cfg, modules, optimizers, uncached),
+                "full": _make_step(full_labels, modules, optimizers, cached),
+            }, repeats)
+            t_cached, t_uncached, t_full = times["cached"], times["uncached"], times["full"]
     finally:
         torch.set_num_threads(previous_threads)
     notes = [f"batch {BATCH} + {BATCH} kNN partners, {RESOLUTION} px, {THREADS} threads, random weights; "
