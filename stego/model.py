@@ -46,6 +46,8 @@ class StegoHead(nn.Module):
 
         `signal` is drop(feats), the feature side of the correspondence loss.
         """
+        # Channels-last makes oneDNN's 1x1 convolutions about twice as fast on CPU (a layout change only).
+        feats = feats.contiguous(memory_format=torch.channels_last)
         code = self.linear_branch(self.dropout(feats))  # (B, D, h, w)
         if self.nonlinear_branch is not None:
             code = code + self.nonlinear_branch(self.dropout(feats))
