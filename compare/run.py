@@ -31,6 +31,7 @@ from compare.evaluate import (
     time_backbone,
 )
 from compare.figure import figure_indices_for, save_comparison_figure
+from compare.measure import pin_mmap_threshold
 from compare.report import markdown_table, untrained_banner, write_reports
 from dinov2_patched import RANDOM_WEIGHTS_ID
 
@@ -115,6 +116,7 @@ def run_comparison(settings: CompareSettings) -> ComparisonOutput:
     """Load, group, evaluate and write the reports; returns the header, the results and the written paths."""
     from shared.data import build_dataset
 
+    pin_mmap_threshold()  # before any large allocation, so the per-batch peak memory does not depend on history
     methods = load_methods(settings.runs)
     groups = group_by_backbone(methods, settings.allow_mixed_backbones)
     resolution = settings.resolution or default_resolution([k[0] for k in groups])
