@@ -12,6 +12,7 @@ the original all-pixel probe loss.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import tempfile
 import time
@@ -92,7 +93,10 @@ def run(repeats: int = 5) -> dict:
     finally:
         torch.set_num_threads(previous_threads)
     notes = [f"batch {BATCH} + {BATCH} kNN partners, {RESOLUTION} px, {THREADS} threads, random weights; "
-             f"backbone bf16 autocast: {backbone.use_bf16}"]
+             f"backbone bf16 autocast: {backbone.use_bf16}",
+             f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: when other processes keep the "
+             "cores busy, the cached step (many small ops, each a thread barrier) slows far more than the "
+             "backbone (few large matmuls), and the ratio drops (measured 3x-17x on a shared 2-core machine)"]
     return {
         "title": f"STEGO training step, dinov2_vits14, {RESOLUTION}x{RESOLUTION}, batch {BATCH}",
         "rows": [
