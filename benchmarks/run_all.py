@@ -87,6 +87,9 @@ def machine_lines() -> list[str]:
         f"- torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}",
     ]
+    if hasattr(os, "getloadavg"):
+        # Other processes on the cores skew every figure; the load says how quiet the machine was.
+        lines.append(f"- 1-minute load average at the start: {os.getloadavg()[0]:.1f}")
     if torch.cuda.is_available():
         lines.append(f"- GPU: {torch.cuda.get_device_name(0)}")
     return lines
