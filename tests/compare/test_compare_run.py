@@ -1,4 +1,4 @@
-"""compare.run on the synthetic world of conftest.py: exact table values, figure grid, failures, backbone checks.
+"""compare.run on the synthetic world of compare_world.py: exact table values, figure grid, failures, backbone checks.
 
 Expected values are worked out by hand from the confusion histograms stats[cluster, class]:
 A: [[10, 4, 0], [0, 12, 4], [8, 0, 24]] -> identity matching, 46 of 62 valid pixels right,
@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import ALPHA, CENTRES_A, N_IMAGES, toy_labels
+from compare_world import ALPHA, CENTRES_A, N_IMAGES, metadata, toy_labels
 from PIL import Image
 
 from compare.figure import figure_size
@@ -122,7 +122,6 @@ def test_evaluation_errors_become_failed_rows(toy_world, monkeypatch):
 
 
 def test_mixed_backbones_are_refused_unless_allowed(toy_world, capsys):
-    from conftest import metadata
 
     from shared.segmenter import save_segmenter
 
