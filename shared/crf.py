@@ -148,7 +148,7 @@ class CRFPool:
                 now = time.monotonic()
                 late = []
                 for i, (res, deadline) in list(inflight.items()):
-                    if res.ready():
+                    if i in finished_at or res.ready():
                         del inflight[i]
                         value = res.get()  # re-raises a worker exception
                         if finished_at.get(i, now) <= deadline:
@@ -165,10 +165,12 @@ class CRFPool:
                     self.close()  # the only way to free a stuck worker; the others are resubmitted
                     pending.extendleft(reversed([i for i in inflight if i not in stuck]))
                     inflight.clear()
-                if not inflight:
-                    continue
+                if not inflight or (pending and len(inflight) < self.workers):
+                    continue  # a worker is free: hand it the next image before waiting again
                 wake.clear()
-                if not any(res.ready() for res, _ in inflight.values()):  # re-check: no lost wake-up
+                # The pool calls `on_done` *before* the result reports ready(), so the callback's record is the
+                # signal to trust: waiting on ready() alone sleeps through a finished job and serialises the pool.
+                if not any(i in finished_at or res.ready() for i, (res, _) in inflight.items()):
                     wake.wait(max(0.0, min(deadline for _, deadline in inflight.values()) - time.monotonic()))
         except BaseException:
             self.close()
