@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from shared.atomic_io import atomic_write_text
+
 # module name -> what it measures. A new benchmark adds one line here.
 BENCHMARKS: list[tuple[str, str]] = [
     ("benchmarks.backbone", "backbone forward: fp32 vs bf16 autocast"),
@@ -196,11 +198,7 @@ def write_results(path: Path, sections: list[str], machine: list[str] | None = N
     text = "\n".join(["# Benchmark results", "", *(machine or machine_lines()), "",
                       "Each value is the median of several runs; ratios compare with a reference measured in the "
                       "same run.", "", *sections])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:

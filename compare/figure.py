@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from compare.report import atomic_write
+from shared.atomic_io import atomic_path
 
 
 def figure_size(rows: int, columns: int, panel: int) -> tuple[int, int]:
@@ -73,7 +73,9 @@ def save_comparison_figure(path: str | Path, dataset, labels: np.ndarray, figure
     rows = figure_rows(images, truth, columns, palette, panel)
     # The default font is about 6 pixels per character: longer titles would run into the next panel.
     titles = [t[: max(6, panel // 6)] for t in ["image", "ground truth", *[title for title, _, _ in columns]]]
-    return atomic_write(path, lambda tmp: save_grid(rows, tmp, titles=titles))
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        save_grid(rows, tmp, titles=titles)
+    return Path(path)
 
 
 def figure_indices_for(n_images: int, rows: int) -> list[int]:

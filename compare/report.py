@@ -12,10 +12,10 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+
+from shared.atomic_io import atomic_write_text
 
 EXTRA_POLICY_TEXT = {
     "error": "a pixel predicted as a cluster with no matched class counts as wrong",
@@ -51,26 +51,6 @@ CSV_FIELDS = (
     "probabilistic", "unsupervised_acc", "unsupervised_miou", "crf_acc", "crf_miou", "linear_acc", "linear_miou",
     "ece", "nll", "calibration_source", "images_per_s", "peak_memory_mib",
 )
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)` and rename the temporary file over `path` once it is complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` atomically (UTF-8)."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _score(result: dict, kind: str, key: str) -> float | None:

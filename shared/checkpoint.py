@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shared import dist as sdist
+from shared.atomic_io import atomic_open
 from shared.config import config_to_dict, git_commit
 
 __all__ = [
@@ -96,33 +96,9 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     If anything fails (or the process dies) mid-write, the file at ``path`` is the previous one, untouched.
     Returns the path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform / filesystem; the data itself is already synced
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

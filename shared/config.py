@@ -29,13 +29,14 @@ import dataclasses
 import os
 import subprocess
 import sys
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from shared.atomic_io import atomic_write_text
 
 __all__ = [
     "ConfigError",
@@ -462,17 +463,7 @@ def save_resolved_config(cfg: Any, run_dir: str | os.PathLike) -> Path:
     data["git_dirty"] = git_dirty()
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     path = run_dir / "config.yaml"
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.yaml.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------------------------- git provenance

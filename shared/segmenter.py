@@ -18,12 +18,13 @@ does not know, so an old toolkit never silently drops an output it cannot comput
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from shared.atomic_io import atomic_open
 
 FORMAT = "uss-segmenter"
 VERSION = 1
@@ -142,18 +143,8 @@ def save_segmenter(path: str | os.PathLike, *, code_branches: list[list[dict]], 
                  "linear": linear_weight is not None},
         "state_dict": state,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(blob, f)
     return path
 
 

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from shared.atomic_io import atomic_open
+
 
 def knn_path(backbone, dataset, nns_dir: str | os.PathLike = "cache/nns") -> Path:
     name = f"nns_{backbone.name}_{dataset.name}_{dataset.split}_{dataset.crop_type}_{dataset.resolution}.npz"
@@ -80,12 +82,9 @@ def _stored_matches(path: Path, backbone, dataset, k: int) -> np.ndarray | None:
 
 
 def _save(path: Path, nns: np.ndarray, backbone, dataset) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.savez(f, nns=nns, weights_id=np.array(str(backbone.weights_id)), layer=np.array(int(backbone.layer)),
                  cache_id=np.array(dataset.cache_id))
-    os.replace(tmp, path)
 
 
 def load_or_compute_knn(backbone, dataset, *, k: int = 30, nns_dir: str | os.PathLike = "cache/nns",

@@ -1,4 +1,4 @@
-"""Helpers shared by the preparation commands: atomic file writes and selective zip extraction."""
+"""Helpers shared by the preparation commands: atomic image writes and selective zip extraction."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from shared.atomic_io import atomic_open, atomic_path
+
 
 def fail(message: str) -> None:
     """Stop a preparation command with one clear sentence (no traceback)."""
@@ -20,10 +22,9 @@ def fail(message: str) -> None:
 
 def atomic_save_image(array: np.ndarray, path: Path, **save_kwargs) -> None:
     """Save (H, W) or (H, W, 3) uint8 via a temporary name, so an interrupted run leaves no truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    Image.fromarray(array).save(tmp, **save_kwargs)
-    os.replace(tmp, path)
+    # Not fsynced: a dataset has many thousands of files, and a rerun rewrites any that a power cut lost.
+    with atomic_path(path, suffix=".tmp" + path.suffix, durable=False) as tmp:
+        Image.fromarray(array).save(tmp, **save_kwargs)
 
 
 def extract_members(zip_path: Path, target: Callable[[str], Path | None], desc: str) -> int:
@@ -42,10 +43,7 @@ def extract_members(zip_path: Path, target: Callable[[str], Path | None], desc: 
         for info, dest in tqdm(jobs, desc=desc, unit="file"):
             if dest.exists() and dest.stat().st_size == info.file_size:
                 continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-            with archive.open(info) as src, open(tmp, "wb") as out:
+            with archive.open(info) as src, atomic_open(dest, "wb", durable=False) as out:
                 shutil.copyfileobj(src, out)
-            os.replace(tmp, dest)
             written += 1
     return written
