@@ -14,14 +14,17 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class CorrespondenceWeights:
-    """Weights λ and shifts b of the three loss terms (self, kNN partner, random derangement)."""
+    """Weights λ and shifts b of the three loss terms (self, kNN partner, random derangement).
 
-    lambda_self: float = 0.67
-    lambda_knn: float = 0.25
-    lambda_rand: float = 0.63
-    shift_self: float = 0.18
-    shift_knn: float = 0.12
-    shift_rand: float = 0.46
+    No defaults here: the paper's values live in one place, `stego.config.StegoConfig`.
+    """
+
+    lambda_self: float
+    lambda_knn: float
+    lambda_rand: float
+    shift_self: float
+    shift_knn: float
+    shift_rand: float
 
 
 def l2_normalize(t: torch.Tensor) -> torch.Tensor:

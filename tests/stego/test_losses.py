@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from stego.config import StegoConfig
 from stego.losses import (
     CorrespondenceWeights,
     correspondence_loss,
@@ -120,7 +121,8 @@ def test_total_loss_combines_terms_with_their_weights():
 def test_feature_side_carries_no_gradient():
     feats = torch.randn(2, 4, 3, 3, requires_grad=True)
     code = torch.randn(2, 3, 3, 3, requires_grad=True)
-    total, _ = correspondence_loss(feats, feats, code, code, CorrespondenceWeights(), feature_samples=3, neg_samples=1)
+    weights = StegoConfig().loss_weights()
+    total, _ = correspondence_loss(feats, feats, code, code, weights, feature_samples=3, neg_samples=1)
     total.backward()
     assert feats.grad is None
     assert code.grad is not None and torch.isfinite(code.grad).all() and code.grad.abs().sum() > 0
