@@ -8,6 +8,7 @@ DATASET ?= camvid_sample
 NPROC ?= 1
 ARGS ?=
 RUNS ?=
+RUN ?=
 
 # Runs `python -m $(1)` in one process, or under torchrun when NPROC > 1.
 launch = if [ "$(NPROC)" -gt 1 ]; then \
@@ -41,6 +42,11 @@ train-stego: install
 
 fit-kmeans: install
 	$(PY) -m baselines.kmeans.fit dataset=$(DATASET) $(ARGS)
+
+# Evaluate one run (RUN=runs/<method>/<dataset>/<name>): the comparison's metrics, written into $(RUN)/eval.
+eval: install
+	@test -n "$(RUN)" || { echo "make eval needs RUN=<run directory or segmenter.pt>"; exit 2; }
+	$(PY) -m compare.run --dataset $(DATASET) --runs "$(RUN)" --out "$(RUN)/eval" $(ARGS)
 
 compare: install
 	$(PY) -m compare.run --dataset $(DATASET) --runs "$(RUNS)" $(ARGS)
