@@ -46,7 +46,8 @@ from torch import nn
 
 from shared import dist as sdist
 from shared.atomic_io import atomic_open
-from shared.config import config_to_dict, git_commit
+from shared.config import config_to_dict
+from shared.provenance import git_commit
 
 __all__ = [
     "FORMAT_VERSION",

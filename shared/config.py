@@ -27,16 +27,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import yaml
 
 from shared.atomic_io import atomic_write_text
+from shared.config_types import (
+    ConfigError,
+    TypeMismatch,
+    check_value,
+    coerce_value,
+    dataclass_option,
+    deep_merge,
+    field_default,
+    field_types,
+    instantiate,
+    type_name,
+    validate_mapping,
+)
+from shared.provenance import git_commit, git_dirty
 
 __all__ = [
     "ConfigError",
@@ -51,14 +63,6 @@ __all__ = [
 # Keys that save_resolved_config adds; tolerated at the top level of a YAML file so a saved config can be reused.
 PROVENANCE_KEYS = ("git_commit", "git_dirty")
 _CLI = "the command line"
-
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names the key, its source and what is expected."""
-
-
-class _TypeMismatch(Exception):
-    """Internal: a value does not fit an annotation (turned into a ConfigError naming the key)."""
 
 
 # ----------------------------------------------------------------------------------------------- YAML reading
@@ -98,205 +102,6 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-# ----------------------------------------------------------------------------------------------- type checking
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    """Resolved annotations of the dataclass ``cls`` (handles ``from __future__ import annotations``)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type) and not typing.get_args(tp):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _is_union(origin: Any) -> bool:
-    return origin is Union or origin is types.UnionType
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Return ``value`` checked (and where lossless, converted) against the annotation ``tp``.
-
-    Raises _TypeMismatch for a plain mismatch; ConfigError for errors inside nested dataclasses.
-    """
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise _TypeMismatch
-        return _validate_mapping(tp, value, key, source)
-    if _is_union(origin):
-        if value is None and type(None) in args:
-            return None
-        for option in args:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key, source)
-            except _TypeMismatch:
-                continue
-        raise _TypeMismatch
-    if origin is Literal:
-        # `True == 1`, so compare types as well as values.
-        for allowed in args:
-            if value == allowed and type(value) is type(allowed):
-                return value
-        raise _TypeMismatch
-    if origin in (list, tuple, dict) or tp in (list, tuple, dict):
-        return _coerce_container(value, tp, key, source)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _TypeMismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _TypeMismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise _TypeMismatch from None
-        raise _TypeMismatch
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _TypeMismatch
-    if isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        raise _TypeMismatch
-    raise ConfigError(f"Config key {key!r} has an annotation ({_type_name(tp)}) that the config loader cannot check.")
-
-
-def _coerce_container(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check list / tuple / dict values element by element."""
-    origin = typing.get_origin(tp) or tp
-    args = typing.get_args(tp)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _TypeMismatch
-        if not args:
-            return dict(value)
-        return {
-            _coerce(k, args[0], f"{key}.{k}", source): _coerce(v, args[1], f"{key}.{k}", source)
-            for k, v in value.items()
-        }
-    if not isinstance(value, (list, tuple)):
-        raise _TypeMismatch
-    if origin is list:
-        item = args[0] if args else Any
-        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    # tuple: tuple[int, ...] (any length) or tuple[int, str] (fixed length)
-    if not args:
-        return tuple(value)
-    if len(args) == 2 and args[1] is Ellipsis:
-        return tuple(_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
-    if len(value) != len(args):
-        raise _TypeMismatch
-    return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args, strict=True)))
-
-
-def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
-    """_coerce, turning a mismatch into a ConfigError that names key, value, source and expected type."""
-    try:
-        return _coerce(value, tp, key, source)
-    except _TypeMismatch:
-        hint = ""
-        if typing.get_origin(tp) in (list, tuple) or tp in (list, tuple):
-            hint = " Write a list as [a, b, c]."
-        elif tp is str or (_is_union(typing.get_origin(tp)) and str in typing.get_args(tp)):
-            hint = " Quote the value in YAML to keep it a string."
-        raise ConfigError(
-            f"Config key {key!r} expects {_type_name(tp)} but got {value!r} ({type(value).__name__}) "
-            f"from {source}.{hint}"
-        ) from None
-
-
-def _validate_mapping(cls: type, data: dict, prefix: str, source: str) -> dict:
-    """Check the keys and values of one layer (YAML file or command line) against dataclass ``cls``.
-
-    Returns the coerced values as a nested dict (nested dataclasses stay dicts so layers can be merged).
-    """
-    types_ = _field_types(cls)
-    unknown = [k for k in data if k not in types_]
-    if unknown:
-        full = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        where = f" under {prefix!r}" if prefix else ""
-        raise ConfigError(
-            f"Unknown config key {full!r} in {source}; valid keys{where} are: {', '.join(sorted(types_))}."
-        )
-    return {
-        name: _check_value(v, types_[name], f"{prefix}.{name}" if prefix else name, source) for name, v in data.items()
-    }
-
-
-def _merge(base: dict, update: dict) -> dict:
-    """Deep-merge ``update`` into a copy of ``base`` (nested dicts merge, everything else is replaced)."""
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _dataclass_option(tp: Any) -> type | None:
-    """The dataclass inside ``tp`` (``Model`` or ``Optional[Model]``), else None."""
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return tp
-    if _is_union(typing.get_origin(tp)):
-        for option in typing.get_args(tp):
-            if dataclasses.is_dataclass(option) and isinstance(option, type):
-                return option
-    return None
-
-
-def _instantiate(cls: type, values: dict, prefix: str = "", base: Any = None) -> Any:
-    """Build ``cls`` from merged, already-checked values; unset fields keep ``base``'s value or the default."""
-    types_ = _field_types(cls)
-    if base is None:
-        missing = [
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.init
-            and f.name not in values
-            and f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-        ]
-        if missing:
-            full = f"{prefix}.{missing[0]}" if prefix else missing[0]
-            raise ConfigError(
-                f"Config key {full!r} has no default and was not set; pass `{full}=...` or set it in YAML."
-            )
-    kwargs = {}
-    for name, value in values.items():
-        sub_cls = _dataclass_option(types_[name])
-        if sub_cls is not None and isinstance(value, dict):
-            # Start from the parent's default for this field, so a partial override keeps its other values.
-            sub_base = getattr(base, name, None) if base is not None else _field_default(cls, name)
-            sub_base = sub_base if isinstance(sub_base, sub_cls) else None
-            value = _instantiate(sub_cls, value, f"{prefix}.{name}" if prefix else name, sub_base)
-        kwargs[name] = value
-    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
-
-
-def _field_default(cls: type, name: str) -> Any:
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return None
-
-
 # ----------------------------------------------------------------------------------------------- overrides
 
 
@@ -305,11 +110,11 @@ def _leaf_type(cls: type, dotted: str) -> Any:
     tp: Any = cls
     parts = dotted.split(".")
     for depth, part in enumerate(parts):
-        sub_cls = _dataclass_option(tp)
+        sub_cls = dataclass_option(tp)
         prefix = ".".join(parts[:depth])
         if sub_cls is None:
             raise ConfigError(f"Config key {dotted!r} from {_CLI}: {prefix!r} is not a nested config section.")
-        types_ = _field_types(sub_cls)
+        types_ = field_types(sub_cls)
         if part not in types_:
             where = f" under {prefix!r}" if prefix else ""
             raise ConfigError(
@@ -326,13 +131,13 @@ def _parse_cli_value(raw: str, tp: Any, key: str) -> Any:
     except yaml.YAMLError:
         parsed = raw
     try:
-        return _coerce(parsed, tp, key, _CLI)
-    except _TypeMismatch:
+        return coerce_value(parsed, tp, key, _CLI)
+    except TypeMismatch:
         pass
     try:
-        return _coerce(raw, tp, key, _CLI)
-    except _TypeMismatch:
-        return _check_value(parsed, tp, key, _CLI)  # raises the ConfigError naming the key
+        return coerce_value(raw, tp, key, _CLI)
+    except TypeMismatch:
+        return check_value(parsed, tp, key, _CLI)  # raises the ConfigError naming the key
 
 
 def _override_layer(cls: type, overrides: typing.Iterable[str]) -> dict:
@@ -347,7 +152,7 @@ def _override_layer(cls: type, overrides: typing.Iterable[str]) -> dict:
         nested: Any = value
         for part in reversed(key.split(".")):
             nested = {part: nested}
-        layer = _merge(layer, nested)
+        layer = deep_merge(layer, nested)
     return layer
 
 
@@ -365,11 +170,11 @@ def load_config(config_cls: type, yaml_path: str | os.PathLike | None = None, ov
     if yaml_path is not None and str(yaml_path) != "":
         path = Path(yaml_path)
         data = _read_yaml(path)
-        names = _field_types(config_cls)
+        names = field_types(config_cls)
         data = {k: v for k, v in data.items() if not (k in PROVENANCE_KEYS and k not in names)}
-        merged = _validate_mapping(config_cls, data, "", f"config file {path}")
-    merged = _merge(merged, _override_layer(config_cls, overrides))
-    return _instantiate(config_cls, merged)
+        merged = validate_mapping(config_cls, data, "", f"config file {path}")
+    merged = deep_merge(merged, _override_layer(config_cls, overrides))
+    return instantiate(config_cls, merged)
 
 
 _USAGE = "usage: [--config PATH.yaml] [--resume auto|PATH|none] [key=value ...]"
@@ -410,7 +215,7 @@ def parse_args(config_cls: type, argv: typing.Sequence[str] | None = None):
             overrides.append(arg)
         i += 1
     if resume is not None:
-        if "resume" not in _field_types(config_cls):
+        if "resume" not in field_types(config_cls):
             raise ConfigError(f"--resume was given but {config_cls.__name__} has no `resume` field.")
         overrides.append(f"resume={resume}")
     return load_config(config_cls, yaml_path, overrides)
@@ -420,14 +225,14 @@ def _describe(cls: type, prefix: str = "", defaults: Any = None) -> str:
     """One line per key: ``name: type = default`` (nested sections expanded with their parent's defaults)."""
     lines = []
     for f in dataclasses.fields(cls):
-        tp = _field_types(cls)[f.name]
+        tp = field_types(cls)[f.name]
         key = f"{prefix}{f.name}"
-        default = getattr(defaults, f.name) if defaults is not None else _field_default(cls, f.name)
-        sub = _dataclass_option(tp)
+        default = getattr(defaults, f.name) if defaults is not None else field_default(cls, f.name)
+        sub = dataclass_option(tp)
         if sub is not None and isinstance(default, sub):
             lines.append(_describe(sub, key + ".", default))
         else:
-            lines.append(f"  {key}: {_type_name(tp)} = {default!r}")
+            lines.append(f"  {key}: {type_name(tp)} = {default!r}")
     return "\n".join(lines)
 
 
@@ -464,35 +269,3 @@ def save_resolved_config(cfg: Any, run_dir: str | os.PathLike) -> Path:
     text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     path = run_dir / "config.yaml"
     return atomic_write_text(path, text)
-
-
-# ----------------------------------------------------------------------------------------------- git provenance
-
-_REPO_DIR = Path(__file__).resolve().parent.parent
-
-
-def _git(args: list[str], repo_dir: str | os.PathLike | None) -> str | None:
-    """stdout of ``git <args>`` run in ``repo_dir`` (default: this package's checkout), or None on any failure."""
-    try:
-        out = subprocess.run(
-            ["git", *args],
-            cwd=repo_dir or _REPO_DIR,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def git_commit(repo_dir: str | os.PathLike | None = None) -> str:
-    """Commit hash of the code's checkout (or of ``repo_dir``); ``"unknown"`` outside a git repository."""
-    return _git(["rev-parse", "HEAD"], repo_dir) or "unknown"
-
-
-def git_dirty(repo_dir: str | os.PathLike | None = None) -> bool | None:
-    """True when tracked files have uncommitted changes; None outside a git repository."""
-    out = _git(["status", "--porcelain", "--untracked-files=no"], repo_dir)
-    return None if out is None else out != ""
