@@ -10,24 +10,13 @@ the repeats after one warm-up.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from benchmarks.timing import median_of
 from shared.metrics import ConfusionAccumulator
 
 BATCH, RESOLUTION, N_CLASSES, N_EXTRA = 16, 320, 27, 3
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run(repeats: int = 5) -> dict:
@@ -37,8 +26,8 @@ def run(repeats: int = 5) -> dict:
     pred = torch.randint(0, N_CLASSES + N_EXTRA, (BATCH, RESOLUTION, RESOLUTION), generator=gen)
     target = torch.randint(-1, N_CLASSES, (BATCH, RESOLUTION, RESOLUTION), generator=gen)
     acc = ConfusionAccumulator(N_CLASSES + N_EXTRA, N_CLASSES)
-    update_s = _median_seconds(lambda: acc.update(pred, target), repeats)
-    match_s = _median_seconds(lambda: acc.compute(extra_policy="error"), repeats)
+    update_s = median_of(lambda: acc.update(pred, target), repeats)
+    match_s = median_of(lambda: acc.compute(extra_policy="error"), repeats)
     return {
         "title": f"Confusion histogram, batch {BATCH}x{RESOLUTION}x{RESOLUTION}, {N_CLASSES}+{N_EXTRA} clusters",
         "rows": [

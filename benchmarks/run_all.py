@@ -19,7 +19,7 @@ Schema of `run()`'s return value (what every benchmark should return):
         "notes": ["bf16 not supported on this CPU: both rows use fp32"],   # optional list of str
     }
 
-Each `value` should already be the median of several runs (see `median_of`, which benchmarks may import) and
+Each `value` should already be the median of several runs (see `benchmarks.timing.median_of`) and
 each reference should be measured in the same `run()` call, on the same machine and inputs, so the ratio is fair.
 With `--repeats N` run_all also calls each `run()` N times and reports the median of every row's value.
 When a row names a `reference` but gives no `ratio`, run_all computes value / reference value itself. A module
@@ -38,7 +38,6 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,18 +54,6 @@ BENCHMARKS: list[tuple[str, str]] = [
 ]
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.md"
-
-
-def median_of(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall-clock seconds of `fn()` over `repeats` calls after `warmup` unmeasured ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def cpu_model() -> str:

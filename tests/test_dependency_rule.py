@@ -56,11 +56,15 @@ def test_the_scanner_sees_imports(tmp_path):
     assert imported_top_levels(sample) == {"stego", "shared", "os"}
 
 
+# Spelled without the literal so that greps for it (CI hooks) do not flag this test itself.
+DEVELOPER_FOLDER = "/".join(["..", "shared"])
+
+
 def test_no_code_reads_the_developer_only_shared_folder():
     offenders = [
         str(path.relative_to(REPO))
         for package in TOP_LEVEL + ("tests",)
         for path in python_files(package)
-        if "../shared" in path.read_text() and path.name != Path(__file__).name
+        if DEVELOPER_FOLDER in path.read_text()
     ]
-    assert not offenders, f"these files read ../shared, which a user's clone does not have: {offenders}"
+    assert not offenders, f"these files read {DEVELOPER_FOLDER}, which a user's clone does not have: {offenders}"
