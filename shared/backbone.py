@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dinov2_patched import RANDOM_WEIGHTS_ID, VisionTransformer, build_model
+from shared import dist as sdist
 
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -119,12 +120,6 @@ class FrozenBackbone(nn.Module):
         return attention.float()
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def build_backbone(
     name: str,
     weights: str | os.PathLike | None = None,
@@ -135,7 +130,9 @@ def build_backbone(
 ) -> FrozenBackbone:
     """Frozen backbone `name` (a dinov2_patched.MODEL_NAMES entry); `weights` as in dinov2_patched.build_model.
 
-    device may be "auto" (CUDA when available). force_float32 turns bf16 autocast off.
+    device: "auto", "cpu", "cuda" or "cuda:N", resolved by `shared.dist.resolve_device` (so "auto" and "cuda"
+    mean this rank's GPU under torchrun). force_float32 turns bf16 autocast off.
     """
-    model = build_model(name, weights).to(_resolve_device(device))
+    target = sdist.resolve_device(device, sdist.get_local_rank())  # a bad device fails before any download
+    model = build_model(name, weights).to(target)
     return FrozenBackbone(model, layer=layer, force_float32=force_float32)

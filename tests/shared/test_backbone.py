@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import shared.backbone as backbone_module
 from dinov2_patched import VisionTransformer
 from dinov2_patched.init import init_random_weights
+from shared import dist as sdist
 from shared.backbone import FrozenBackbone, bf16_supported, build_backbone
 
 
@@ -66,6 +67,12 @@ def test_build_backbone_random_weights():
     assert (frozen.name, frozen.patch_size, frozen.feature_dim) == ("dino_vits16", 16, 384)
     assert frozen.pretrained is False and frozen.weights_id == "random-seed0"
     assert frozen(torch.randn(1, 3, 32, 48)).shape == (1, 384, 2, 3)
+    assert build_backbone("dino_vits16", weights="none", device="auto").device == sdist.resolve_device("auto")
+
+
+def test_build_backbone_rejects_an_unknown_device_before_loading_weights(tmp_path):
+    with pytest.raises(ValueError, match="Unknown device 'tpu'"):
+        build_backbone("dino_vits16", weights=tmp_path / "not_there.pth", device="tpu")
 
 
 @pytest.mark.parametrize(
