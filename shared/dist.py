@@ -115,6 +115,11 @@ def init_distributed(device: str | torch.device = "auto") -> DistContext:
         rank, world_size, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
     else:
         rank, world_size, local_rank = 0, 1, 0
+    if world_size > 1 and str(device).strip().lower().startswith("cuda:"):
+        raise ValueError(
+            f"device={device!r} names one GPU, but all {world_size} ranks of this torchrun job would share it; "
+            "use device=cuda or auto so that each rank takes cuda:<LOCAL_RANK>."
+        )
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # so nccl and broadcast_object use this rank's GPU

@@ -76,3 +76,11 @@ def test_torchrun_env_without_world_size_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="WORLD_SIZE is not"), distributed("cpu"):
         pass
     assert not dist.is_initialized()
+
+
+def test_torchrun_job_refuses_one_explicit_gpu_for_every_rank(monkeypatch):
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="device='cuda:0' names one GPU, but all 2 ranks"), distributed("cuda:0"):
+        pass
+    assert not dist.is_initialized()
