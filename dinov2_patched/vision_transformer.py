@@ -124,12 +124,18 @@ class VisionTransformer(nn.Module):
         """
         if isinstance(n, int):
             if not 1 <= n <= self.n_blocks:
-                raise ValueError(f"n={n} blocks requested but {self.model_name} has {self.n_blocks}.")
+                raise ValueError(
+                    f"n={n} blocks requested but {self.model_name} has {self.n_blocks}; pass an n from 1 to "
+                    f"{self.n_blocks}, or a list of block indices."
+                )
             return list(range(self.n_blocks - n, self.n_blocks))
         indices = set()
         for index in n:
             if not -self.n_blocks <= index < self.n_blocks:
-                raise ValueError(f"Block index {index} is out of range for {self.model_name} ({self.n_blocks} blocks).")
+                raise ValueError(
+                    f"Block index {index} is out of range for {self.model_name} ({self.n_blocks} blocks); use an "
+                    f"index from {-self.n_blocks} to {self.n_blocks - 1} (negative counts from the last block)."
+                )
             indices.add(index % self.n_blocks)
         return sorted(indices)
 
