@@ -125,13 +125,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
                 "it was not written by shared.checkpoint, so re-save it with plain tensors and values."
             ) from err
         if head != _ZIP_MAGIC:
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint file ({reason}).") from err
+            raise CheckpointError(
+                f"{path} is not a PyTorch checkpoint file ({reason}); pass a .pt file written by save_checkpoint, "
+                "such as <run_dir>/checkpoints/last.pt."
+            ) from err
         raise CheckpointError(
             f"Checkpoint {path} is truncated or corrupt ({reason}); it was probably interrupted while being "
             "written, so resume from an earlier checkpoint."
         ) from err
     if not isinstance(state, dict):
-        raise CheckpointError(f"Checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict.")
+        raise CheckpointError(
+            f"Checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict; pass a file written by "
+            "save_checkpoint."
+        )
     return state
 
 
@@ -259,7 +265,8 @@ def make_checkpoint(
 def _check_header(state: dict, method: str | None) -> None:
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(
-            "This is not a training checkpoint written by shared.checkpoint (no 'format_version' key)."
+            "This is not a training checkpoint written by shared.checkpoint (no 'format_version' key); resume "
+            "from a file that save_checkpoint wrote, such as <run_dir>/checkpoints/last.pt."
         )
     version = state["format_version"]
     if version != FORMAT_VERSION:
