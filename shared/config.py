@@ -113,7 +113,10 @@ def _leaf_type(cls: type, dotted: str) -> Any:
         sub_cls = dataclass_option(tp)
         prefix = ".".join(parts[:depth])
         if sub_cls is None:
-            raise ConfigError(f"Config key {dotted!r} from {_CLI}: {prefix!r} is not a nested config section.")
+            raise ConfigError(
+                f"Config key {dotted!r} from {_CLI}: {prefix!r} is not a nested config section; set it directly "
+                f"as {prefix}=VALUE."
+            )
         types_ = field_types(sub_cls)
         if part not in types_:
             where = f" under {prefix!r}" if prefix else ""
