@@ -143,6 +143,9 @@ class CRFPool:
             while pending or inflight:
                 while pending and len(inflight) < self.workers:  # at most one job per worker: deadlines are fair
                     i = pending.popleft()
+                    # A resubmitted image may carry its completion record from the terminated pool; a stale
+                    # record would make res.get() below wait without a deadline on the fresh worker.
+                    finished_at.pop(i, None)
                     inflight[i] = (self._submit(_prepare(images[i], logits[i]), on_done(i)),
                                    time.monotonic() + timeout_s)
                 now = time.monotonic()
