@@ -41,7 +41,8 @@ def _import_xformers_ops() -> ModuleType | None:
 
 def xformers_ops_for(device: torch.device) -> ModuleType | None:
     """xformers.ops when it should be used for tensors on `device`, else None."""
-    if device.type != "cuda" or os.environ.get("XFORMERS_DISABLED"):
+    # Set at all (even empty) means disabled, as in the official dinov2 code.
+    if device.type != "cuda" or "XFORMERS_DISABLED" in os.environ:
         return None
     return _import_xformers_ops()
 

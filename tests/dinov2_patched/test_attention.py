@@ -56,6 +56,8 @@ def test_xformers_choice_is_made_per_call(monkeypatch):
     assert attention_module.xformers_ops_for(torch.device("cuda")) is fake
     monkeypatch.setenv("XFORMERS_DISABLED", "1")
     assert attention_module.xformers_ops_for(torch.device("cuda")) is None
+    monkeypatch.setenv("XFORMERS_DISABLED", "")  # set, even to nothing, disables it (official semantics)
+    assert attention_module.xformers_ops_for(torch.device("cuda")) is None
     monkeypatch.setattr(attention_module, "_import_xformers_ops", lambda: None)  # not installed
     monkeypatch.delenv("XFORMERS_DISABLED")
     assert attention_module.xformers_ops_for(torch.device("cuda")) is None
