@@ -62,7 +62,7 @@ class RunLogger:
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(log_dir=str(self.run_dir))
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._jsonl = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     @property
     def metrics_path(self) -> Path:
