@@ -52,8 +52,10 @@ class NonFiniteLossError(FloatingPointError):
 def check_finite(loss: torch.Tensor | float, step: int, name: str = "loss") -> None:
     """Raise NonFiniteLossError if ``loss`` (a tensor of any shape, or a number) has a NaN or inf on any rank."""
     if isinstance(loss, torch.Tensor):
-        bad_here = not bool(torch.isfinite(loss.detach()).all())
-        value = float(loss.detach().float().flatten()[~torch.isfinite(loss.detach().flatten())][0]) if bad_here else 0.0
+        flat = loss.detach().flatten()
+        finite = torch.isfinite(flat)
+        bad_here = not bool(finite.all())  # the one host sync of a good step
+        value = float(flat[~finite][0]) if bad_here else 0.0  # the first bad element, for the message
     else:
         bad_here = not math.isfinite(float(loss))
         value = float(loss)
