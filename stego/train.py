@@ -103,7 +103,12 @@ def load_batch(data: RunData, backbone, indices: np.ndarray, device: torch.devic
 
 
 def validate(modules, data: RunData, cfg: StegoConfig, n_classes: int, crf: bool = False) -> dict:
-    """Flip-averaged scores of the current head on the cached validation features (DDP-sharded)."""
+    """Flip-averaged scores of the current head on the cached validation features (DDP-sharded).
+
+    Puts `modules` in eval mode (the loop sets train mode again each step): `evaluate_head` cannot do it through
+    the `head_outputs` closure, and dropout left on would score a randomly thinned head.
+    """
+    modules.eval()
     return evaluate_head(head_outputs(modules, cfg.alpha), data.val, flipped=data.val_flip, n_classes=n_classes,
                          n_clusters=n_classes + cfg.n_extra_clusters, extra_policy=cfg.extra_policy,
                          batch_size=cfg.val_batch_size, crf_images=data.val_ds if crf else None)

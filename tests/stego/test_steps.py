@@ -123,3 +123,18 @@ def test_tiny_stego_run_learns_the_planted_classes():
     # Seeds 0-3 of this setting give 85-92 trained against 27-34 untrained.
     assert trained > 70
     assert trained > untrained + 30
+
+
+def test_validation_scores_the_head_without_dropout():
+    from stego.train import RunData, validate
+
+    data, flipped = make_synthetic(n_images=6, seed=1), make_synthetic(n_images=6, seed=1, flip=True)
+    run_data = RunData(train_ds=None, val_ds=None, train=None, val=data, val_flip=flipped, knn=None)
+    cfg = StegoConfig(code_dim=6, dropout=0.9)  # heavy dropout: a thinned head would score very differently
+    torch.manual_seed(0)
+    modules = build_modules(cfg, data.features.shape[1], 4)
+    with torch.no_grad():
+        expected = validate(modules.eval(), run_data, cfg, 4)["histograms"]["unsupervised"]
+    scores = validate(modules.train(), run_data, cfg, 4)  # the state the training loop leaves it in
+    assert not modules.training
+    np.testing.assert_array_equal(scores["histograms"]["unsupervised"], expected)
