@@ -26,9 +26,7 @@ import torch
 import torch.nn.functional as F
 from pydensecrf.utils import unary_from_softmax
 
-# ImageNet statistics (the same as shared.data's; duplicated so this module stands alone in pool workers).
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
+from shared.data.transforms import denormalize_image
 
 GAUSSIAN_SXY, GAUSSIAN_COMPAT = 1, 3
 BILATERAL_SXY, BILATERAL_SRGB, BILATERAL_COMPAT = 67, 3, 4
@@ -49,10 +47,7 @@ def image_to_bgr_uint8(image: torch.Tensor) -> np.ndarray:
     Rounds to the nearest grey level, so a uint8 image survives normalise -> unnormalise exactly. (The
     originals truncated via ``to_pil_image``, which loses one grey level on about half the pixels.)
     """
-    mean = torch.tensor(_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(_STD, dtype=torch.float32).view(3, 1, 1)
-    rgb = (image.detach().float().cpu() * std + mean).clamp(0.0, 1.0).mul(255).round().to(torch.uint8)
-    return np.ascontiguousarray(rgb.permute(1, 2, 0).numpy()[:, :, ::-1])
+    return np.ascontiguousarray(denormalize_image(image)[:, :, ::-1])
 
 
 def _softmax_at_size(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

@@ -16,8 +16,7 @@ import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from shared.data.transforms import denormalize_image
 
 # Official Cityscapes colours (cityscapesScripts labels.py) for the 27 classes, in label order id - 7.
 CITYSCAPES27 = [
@@ -99,10 +98,7 @@ def colorize(label_map: np.ndarray | torch.Tensor, palette: np.ndarray) -> np.nd
 def to_uint8_image(image: np.ndarray | torch.Tensor) -> np.ndarray:
     """ImageNet-normalised (3, H, W) tensor, or a uint8 (H, W, 3) array -> uint8 RGB (H, W, 3)."""
     if torch.is_tensor(image):
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        rgb = (image.detach().float().cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
-        return rgb.permute(1, 2, 0).numpy()
+        return denormalize_image(image)
     return np.asarray(image, dtype=np.uint8)
 
 

@@ -46,6 +46,17 @@ def normalize_image(image_hwc_uint8: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
+def denormalize_image(image: torch.Tensor) -> np.ndarray:
+    """ImageNet-normalised (3, H, W) tensor -> uint8 RGB (H, W, 3), the inverse of :func:`normalize_image`.
+
+    Rounds to the nearest grey level, so a uint8 image survives normalise -> denormalise exactly.
+    """
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (image.detach().float().cpu() * std + mean).clamp(0.0, 1.0).mul(255).round().to(torch.uint8)
+    return rgb.permute(1, 2, 0).numpy()
+
+
 def eval_view(image_hwc_uint8: np.ndarray, label: np.ndarray | None, resolution: int):
     """The centre view: short side -> `resolution` (nearest), centre crop `resolution`.
 

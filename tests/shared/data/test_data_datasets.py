@@ -164,3 +164,12 @@ def test_cache_id_tracks_files_split_resolution_not_root(tmp_path):
     save_image(tmp_path / "b" / "camvid" / "images" / "train" / "z.jpg", rgb(4, 6))
     save_image(tmp_path / "b" / "camvid" / "labels" / "train" / "z.png", strip([0]).astype(np.uint8))
     assert build_dataset("camvid", "train", data_root=tmp_path / "b").cache_id != base
+
+
+def test_denormalize_inverts_normalize_exactly():
+    from shared.data.transforms import denormalize_image, normalize_image
+
+    image = rgb(7, 9, seed=3)
+    back = denormalize_image(normalize_image(image))
+    assert back.dtype == np.uint8 and back.shape == (7, 9, 3)
+    np.testing.assert_array_equal(back, image)
