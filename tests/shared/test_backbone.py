@@ -52,9 +52,13 @@ def test_keys_merge_heads_of_requested_blocks():
 
 def test_last_attention():
     frozen = FrozenBackbone(tiny_vit(registers=0), force_float32=True)
-    attention = frozen.last_attention(torch.randn(2, 3, 8, 8))
+    images = torch.randn(2, 3, 8, 8)
+    attention = frozen.last_attention(images)
     assert attention.shape == (2, 4, 5, 5) and attention.dtype == torch.float32
     assert torch.allclose(attention.sum(-1), torch.ones(()), atol=1e-5)
+    with torch.no_grad():
+        expected = frozen.model.forward_features(images, return_attention=True)["attentions"][-1]
+    assert torch.allclose(attention, expected, atol=1e-5)  # the last block's map, not any stochastic matrix
 
 
 def test_invalid_layer():
