@@ -72,7 +72,7 @@ class FrozenBackbone(nn.Module):
         self.layer = layer
         self.weights_id = model.weights_id
         self.pretrained = model.weights_id != RANDOM_WEIGHTS_ID
-        self.use_bf16 = bf16_supported(self.device) and not force_float32
+        self.use_bf16 = not force_float32 and bf16_supported(self.device)
         if self.use_bf16:
             store_matmul_weights_in_bf16(self.model)
 
