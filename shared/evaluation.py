@@ -60,10 +60,9 @@ def _batch(cached: Any, idx: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.asarray(cached.features[idx], dtype=np.float32)).to(device)
 
 
-def _crf_predictions(pool: CRFPool, crf_images: Any, idx: np.ndarray, logits: torch.Tensor,
+def _crf_predictions(pool: CRFPool, images: list[torch.Tensor], logits: torch.Tensor,
                      fallback: torch.Tensor, timeout_s: float) -> tuple[torch.Tensor, int]:
     """CRF argmax (B, H, W) at label size; an image whose CRF timed out keeps its plain prediction."""
-    images = [crf_images[int(i)]["image"] for i in idx]
     probs = pool.run(images, list(logits.float().cpu()), timeout_s=timeout_s)
     preds, timeouts = fallback.clone(), 0
     for b, p in enumerate(probs):
@@ -128,6 +127,8 @@ def evaluate_head(head_fn: HeadFn, features: Any, *, flipped: Any | None, n_clas
                 x_flip = _batch(flipped, idx, dev) if flipped is not None else None
                 logits = flip_averaged_logits(head_fn, _batch(features, idx, dev), x_flip)
                 labels = torch.from_numpy(np.asarray(features.labels[idx], dtype=np.int64))
+                # read once per batch: both the cluster and the linear logits are refined on these images
+                images = [crf_images[int(i)]["image"] for i in idx] if pool is not None else None
                 if logits["cluster_logits"].shape[1] != n_clusters:
                     raise ValueError(f"head_fn returned {logits['cluster_logits'].shape[1]} cluster logits but "
                                      f"n_clusters={n_clusters}; pass the number of clusters including extras.")
@@ -141,7 +142,7 @@ def evaluate_head(head_fn: HeadFn, features: Any, *, flipped: Any | None, n_clas
                     if name == "linear":
                         flags[0] += len(idx)
                     if pool is not None:
-                        crf_pred, timeouts = _crf_predictions(pool, crf_images, idx, lg, pred, crf_timeout_s)
+                        crf_pred, timeouts = _crf_predictions(pool, images, lg, pred, crf_timeout_s)
                         accs[f"crf_{name}"].update(crf_pred, labels)
                         flags[1] += timeouts
     finally:

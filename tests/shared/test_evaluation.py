@@ -73,19 +73,36 @@ def test_flip_average_flips_back_before_averaging():
     assert torch.equal(out["cluster_logits"], expected) and out["linear_logits"] is None
 
 
+class CountingImages(list):
+    """A dataset stand-in that counts how often each item is read (every read decodes a file in real use)."""
+
+    def __init__(self, items):
+        super().__init__(items)
+        self.reads = [0] * len(items)
+
+    def __getitem__(self, i):
+        self.reads[i] += 1
+        return super().__getitem__(i)
+
+
 def test_crf_scores_equal_direct_crf():
     cache, _ = make_data(n=3, seed=1)
     rng = np.random.default_rng(2)
-    images = [{"image": torch.from_numpy(rng.normal(0, 1, (3, R, R))).float()} for _ in range(3)]
+    images = CountingImages([{"image": torch.from_numpy(rng.normal(0, 1, (3, R, R))).float()} for _ in range(3)])
     res = evaluate_head(head_fn, cache, flipped=None, n_classes=K, n_clusters=K + 1, batch_size=2,
                         crf_images=images, crf_workers=1)
+    assert images.reads == [1, 1, 1]  # one read per image serves both the cluster and the linear CRF
     x = torch.from_numpy(cache.features.astype(np.float32))
     out = head_fn(x)
     labels = torch.from_numpy(cache.labels.astype(np.int64))
-    crf_u = torch.stack([torch.from_numpy(dense_crf(images[i]["image"], out["cluster_logits"][i]).argmax(0))
-                         for i in range(3)])
-    assert res["crf_unsupervised"] == segmentation_scores(crf_u, labels, K, n_clusters=K + 1)
-    assert res["crf"] == res["crf_unsupervised"] and res["crf_linear"] is not None and res["crf_timeouts"] == 0
+
+    def crf_argmax(key: str) -> torch.Tensor:
+        return torch.stack([torch.from_numpy(dense_crf(list.__getitem__(images, i)["image"], out[key][i]).argmax(0))
+                            for i in range(3)])
+
+    assert res["crf_unsupervised"] == segmentation_scores(crf_argmax("cluster_logits"), labels, K, n_clusters=K + 1)
+    assert res["crf_linear"] == segmentation_scores(crf_argmax("linear_logits"), labels, K, matching="identity")
+    assert res["crf"] == res["crf_unsupervised"] and res["crf_timeouts"] == 0
 
 
 def _stuck_crf(bgr, probs):
