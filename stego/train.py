@@ -144,6 +144,9 @@ def main(cfg: StegoConfig) -> dict:
         data = build_run_data(cfg, backbone, logger.write)
         n_classes = data.train_ds.n_classes
 
+        # Re-seeded: building a feature cache or the kNN file (rank 0 only under DDP) draws from the torch RNG, and
+        # the init must be the same on every rank and whether or not the caches existed (the probes are not DDP).
+        torch.manual_seed(cfg.seed)
         modules = build_modules(cfg, backbone.feature_dim, n_classes).to(ctx.device)
         optimizers = build_optimizers(cfg, modules)
         head = DistributedDataParallel(modules["head"]) if ctx.world_size > 1 else modules["head"]

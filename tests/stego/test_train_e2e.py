@@ -96,3 +96,17 @@ def test_uncached_batches_equal_cached_ones(tiny_run):
     assert cached.shape == live.shape == (3, 384, 2, 2)
     torch.testing.assert_close(cached, live, rtol=1e-2, atol=1e-2)  # float16 storage
     assert torch.equal(cached_labels, live_labels)
+
+
+def test_initial_weights_do_not_depend_on_whether_the_caches_existed(tmp_path):
+    # Building a feature cache or kNN file iterates a DataLoader, which draws a seed from the global torch RNG; under
+    # DDP only rank 0 builds them, so an init drawn after that would differ between ranks (the probes are not DDP).
+    common = [f"output_root={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'features'}", f"nns_dir={tmp_path / 'nns'}",
+              *SMALL, "max_steps=1", "val_every=1"]
+    main(load_config(StegoConfig, TINY, [*common, "name=building"]))  # builds the caches
+    main(load_config(StegoConfig, TINY, [*common, "name=reading"]))  # finds them
+    runs = tmp_path / "runs" / "stego" / "camvid_sample"
+    building = load_checkpoint(runs / "building" / "checkpoints" / "last.pt")["model"]
+    reading = load_checkpoint(runs / "reading" / "checkpoints" / "last.pt")["model"]
+    for key, value in building.items():
+        assert torch.equal(value, reading[key]), key
