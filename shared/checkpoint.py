@@ -22,9 +22,11 @@ Typical loop (rank 0 writes; every rank restores)::
                                         method="stego", rng=rng), last_checkpoint_path(run_dir))
 
 Exact resume needs the loop to consume random numbers the same way after a restart: give every DataLoader
-its own ``generator=torch.Generator().manual_seed(seed)`` (creating an iterator otherwise draws from the
-global torch RNG, and a resumed run creates one mid-epoch), use ``DistributedSampler.set_epoch`` and skip
-the batches of the current epoch that were already consumed.
+its own ``generator`` (creating an iterator otherwise draws from the global torch RNG, and a resumed run
+creates one mid-epoch) and reseed it with ``manual_seed(seed + epoch)`` before each epoch's iterator (the
+iterator draws the worker seeds, and a RandomSampler its permutation, from it; a resumed run's first
+iterator must draw what the uninterrupted run's iterator of that epoch drew), use
+``DistributedSampler.set_epoch`` and skip the batches of the current epoch that were already consumed.
 
 ``save_checkpoint`` writes a temporary file in the target directory, flushes and fsyncs it, then
 ``os.replace``-s it over the target, so an interrupted write never damages the previous checkpoint.
