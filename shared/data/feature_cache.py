@@ -16,6 +16,8 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from shared import dist as sdist
 
 CACHE_FORMAT = 1
 FEATURES_FILE, LABELS_FILE, META_FILE = "features.f16", "labels.i16", "meta.json"
@@ -82,11 +86,21 @@ def _remove_stale_builds(cache_dir: Path, key: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _device_of(backbone) -> torch.device:
+@contextmanager
+def eval_mode(backbone) -> Iterator[torch.device]:
+    """Run the block with `backbone` in eval mode (no dropout), restoring its mode after; yields its device."""
     try:
-        return next(backbone.parameters()).device
+        device = next(backbone.parameters()).device
     except (AttributeError, StopIteration):
-        return torch.device(getattr(backbone, "device", "cpu"))
+        device = torch.device(getattr(backbone, "device", "cpu"))
+    was_training = getattr(backbone, "training", False)
+    if hasattr(backbone, "eval"):
+        backbone.eval()
+    try:
+        yield device
+    finally:
+        if was_training and hasattr(backbone, "train"):
+            backbone.train()
 
 
 def _open(path: Path) -> CachedFeatures | None:
@@ -108,13 +122,6 @@ def _open(path: Path) -> CachedFeatures | None:
     return CachedFeatures(features=features, labels=labels, key=meta["key"], meta=meta, path=path)
 
 
-def _distributed() -> tuple[bool, int]:
-    """(initialised with more than one process, rank)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size() > 1, torch.distributed.get_rank()
-    return False, 0
-
-
 class FeatureCache:
     """`FeatureCache(cache_dir).get(backbone, dataset, flip=False)` -> CachedFeatures, built on first use."""
 
@@ -128,17 +135,14 @@ class FeatureCache:
             progress: bool = True) -> CachedFeatures:
         """Open the cached features, building them first if needed (rank 0 only under DDP; others wait)."""
         path = self.path_for(backbone, dataset, flip=flip)
-        is_dist, rank = _distributed()
-        if rank == 0:
-            cached = _open(path)
-            if cached is None:
-                self._build(backbone, dataset, path, flip=flip, batch_size=batch_size,
-                            num_workers=num_workers, progress=progress)
-        if is_dist:
-            torch.distributed.barrier()
+        if sdist.get_rank() == 0 and _open(path) is None:
+            self._build(backbone, dataset, path, flip=flip, batch_size=batch_size, num_workers=num_workers,
+                        progress=progress)
+        sdist.barrier()
         cached = _open(path)
         if cached is None:
-            raise RuntimeError(f"Feature cache {path} is missing or incomplete after building; delete it and retry.")
+            raise RuntimeError(f"Feature cache {path} is missing or incomplete after rank 0 built it; every rank "
+                               "must see the same cache_dir (a shared filesystem). Delete the folder and retry.")
         return cached
 
     def _build(self, backbone, dataset, path: Path, *, flip: bool, batch_size: int, num_workers: int,
@@ -181,12 +185,8 @@ class FeatureCache:
         if dataset.has_labels:
             labels = np.memmap(tmp / LABELS_FILE, dtype=np.int16, mode="w+", shape=(n, res, res))
         features, start, t0 = None, 0, time.perf_counter()
-        device = _device_of(backbone)
-        was_training = getattr(backbone, "training", False)
-        if hasattr(backbone, "eval"):
-            backbone.eval()
         bar = tqdm(total=n, unit="img", desc=f"features {dataset.name}/{dataset.split}", disable=not progress)
-        try:
+        with eval_mode(backbone) as device, bar:
             for batch in loader:
                 images = batch["image"].to(device)  # (B, 3, R, R)
                 if flip:
@@ -202,10 +202,6 @@ class FeatureCache:
                     labels[start:stop] = batch["label"].numpy().astype(np.int16)
                 start = stop
                 bar.update(out.shape[0])
-        finally:
-            bar.close()
-            if was_training and hasattr(backbone, "train"):
-                backbone.train()
         seconds = time.perf_counter() - t0
         features.flush()
         if labels is not None:

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from shared import dist as sdist
 from shared.atomic_io import atomic_open
+from shared.data.feature_cache import eval_mode
 
 
 def knn_path(backbone, dataset, nns_dir: str | os.PathLike = "cache/nns") -> Path:
@@ -26,23 +28,13 @@ def knn_path(backbone, dataset, nns_dir: str | os.PathLike = "cache/nns") -> Pat
 @torch.no_grad()
 def pooled_features(backbone, dataset, *, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
     """(N, C) float32: spatial mean of backbone features, L2-normalised; backbone in eval mode."""
-    was_training = getattr(backbone, "training", False)
-    if hasattr(backbone, "eval"):
-        backbone.eval()  # the original left dropout on here by mistake
-    try:
-        device = next(backbone.parameters()).device
-    except (AttributeError, StopIteration):
-        device = torch.device("cpu")
     pooled = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    try:
+    with eval_mode(backbone) as device:  # the original left dropout on here by mistake
         for batch in tqdm(loader, desc=f"knn features {dataset.name}/{dataset.split}", unit="batch",
                           disable=not progress):
             feats = backbone(batch["image"].to(device))  # (B, C, h, w)
             pooled.append(feats.float().mean(dim=(2, 3)).cpu())
-    finally:
-        if was_training and hasattr(backbone, "train"):
-            backbone.train()
     return F.normalize(torch.cat(pooled), dim=1)
 
 
@@ -91,17 +83,15 @@ def load_or_compute_knn(backbone, dataset, *, k: int = 30, nns_dir: str | os.Pat
                         batch_size: int = 16, chunk_size: int = 256, progress: bool = True) -> np.ndarray:
     """(N, k) int64 neighbour indices, self first; loaded from `nns_dir` or computed (rank 0) and saved."""
     path = knn_path(backbone, dataset, nns_dir)
-    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if dist_on else 0
     nns = _stored_matches(path, backbone, dataset, k) if path.exists() else None
-    if nns is None and rank == 0:
+    if nns is None and sdist.get_rank() == 0:
         feats = pooled_features(backbone, dataset, batch_size=batch_size, progress=progress)
         nns = topk_cosine(feats, k, chunk_size=chunk_size)
         _save(path, nns, backbone, dataset)
-    if dist_on:
-        torch.distributed.barrier()
+    sdist.barrier()
+    if nns is None:  # a rank other than 0: read what rank 0 wrote
+        nns = _stored_matches(path, backbone, dataset, k)
         if nns is None:
-            nns = _stored_matches(path, backbone, dataset, k)
-            if nns is None:
-                raise RuntimeError(f"kNN file {path} is missing or does not match after rank 0 computed it.")
+            raise RuntimeError(f"kNN file {path} is missing or does not match after rank 0 computed it; every rank "
+                               "must see the same nns_dir (a shared filesystem).")
     return nns
