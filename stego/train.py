@@ -23,7 +23,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from shared.backbone import build_backbone
-from shared.checkpoint import load_checkpoint, make_checkpoint, resolve_resume, restore_checkpoint, save_checkpoint
+from shared.checkpoint import (
+    gather_rng_states,
+    load_checkpoint,
+    make_checkpoint,
+    resolve_resume,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from shared.config import parse_args, save_resolved_config
 from shared.data import build_dataset
 from shared.data.feature_cache import FeatureCache
@@ -123,9 +130,9 @@ def score_summary(scores: dict) -> dict:
     return out
 
 
-def save_state(path: Path, modules, optimizers, step: int, cfg: StegoConfig, best: float) -> None:
+def save_state(path: Path, modules, optimizers, step: int, cfg: StegoConfig, best: float, rng: list[dict]) -> None:
     save_checkpoint(make_checkpoint(model=modules, optimizers=optimizers, step=step, config=cfg, method=METHOD,
-                                    extra={"best_miou": best}), path)
+                                    extra={"best_miou": best}, rng=rng), path)
 
 
 def main(cfg: StegoConfig) -> dict:
@@ -183,11 +190,12 @@ def main(cfg: StegoConfig) -> dict:
                     scores = validate(modules, data, cfg, n_classes)
                     logger.scalars(done, score_summary(scores), prefix="val")
                     miou = scores["unsupervised"]["miou"]
+                    rng = gather_rng_states()  # collective: every rank resumes its own dropout and grid stream
                     if ctx.is_main:
                         if miou > best:
                             best = miou
-                            save_state(ckpt_dir / "best.pt", modules, optimizers, done, cfg, best)
-                        save_state(ckpt_dir / "last.pt", modules, optimizers, done, cfg, best)
+                            save_state(ckpt_dir / "best.pt", modules, optimizers, done, cfg, best, rng)
+                        save_state(ckpt_dir / "last.pt", modules, optimizers, done, cfg, best, rng)
                     logger.write(f"step {done}: val unsupervised mIoU {miou:.2f} (best {best:.2f})")
                     barrier()
                 if stopping:

@@ -3,6 +3,7 @@ the exported segmenter, and resuming."""
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,24 @@ def test_initial_weights_do_not_depend_on_whether_the_caches_existed(tmp_path):
     reading = load_checkpoint(runs / "reading" / "checkpoints" / "last.pt")["model"]
     for key, value in building.items():
         assert torch.equal(value, reading[key]), key
+
+
+@pytest.mark.slow
+def test_two_rank_resumed_run_equals_uninterrupted(tmp_path):
+    """Under torchrun every rank must resume its own dropout and grid stream, and start from the same probes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    common = [*_paths(tmp_path, tmp_path / "features"), *SMALL, "val_every=2", "device=cpu"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stego.train",
+              "--config", str(TINY), *common]
+    for args in (["name=straight", "max_steps=3"], ["name=resumed", "max_steps=2"],
+                 ["name=resumed", "max_steps=3", "resume=auto"]):
+        done = subprocess.run([*launch, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    runs = tmp_path / "runs" / "stego" / "camvid_sample"
+    straight = load_checkpoint(runs / "straight" / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(runs / "resumed" / "checkpoints" / "last.pt")
+    assert straight["step"] == resumed["step"] == 3
+    assert len(resumed["rng"]) == 2  # one stream per rank
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
