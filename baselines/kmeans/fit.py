@@ -24,7 +24,7 @@ from shared.data.feature_cache import FeatureCache
 from shared.evaluation import evaluate_head
 from shared.probes import LinearProbe
 from shared.seed import seed_everything
-from shared.segmenter import save_segmenter
+from shared.segmenter import load, save_segmenter
 
 
 @dataclass
@@ -91,37 +91,15 @@ def fit_linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, s
 
 
 def export(path: Path, cfg: KMeansConfig, centres: torch.Tensor, probe: LinearProbe | None, backbone,
-           n_classes: int, resolution: int) -> None:
-    """Segmenter: code = l2norm(features); cluster centres = the k-means centres."""
-    linear = {}
-    if probe is not None:
-        weight, bias = probe_weights(probe)
-        linear = {"linear_weight": weight, "linear_bias": bias}
-    save_segmenter(
+           n_classes: int, resolution: int) -> Path:
+    """Segmenter: code = l2norm(features); cluster centres = the k-means centres; the optional linear probe."""
+    linear = {} if probe is None else {"linear_weight": probe.conv.weight, "linear_bias": probe.conv.bias}
+    return save_segmenter(
         path, code_branches=[[{"op": "l2norm"}]], state_dict={}, cluster_centres=centres, alpha=cfg.alpha, **linear,
         metadata={"method": "kmeans", "backbone": cfg.backbone, "backbone_weights_id": backbone.weights_id,
                   "pretrained_backbone": bool(backbone.pretrained), "feature_layer": cfg.feature_layer,
                   "resolution": resolution, "n_classes": n_classes, "n_clusters": int(centres.shape[0]),
                   "code_dim": int(centres.shape[1]), "dataset": cfg.dataset, "probabilistic": False})
-
-
-def probe_weights(probe: LinearProbe) -> tuple[torch.Tensor, torch.Tensor]:
-    """The probe's 1x1 conv as (K, D) weight and (K,) bias."""
-    state = probe.state_dict()
-    weight = next(v for k, v in state.items() if k.endswith("weight"))
-    bias = next(v for k, v in state.items() if k.endswith("bias"))
-    return weight.reshape(weight.shape[0], -1).clone(), bias.clone()
-
-
-def kmeans_head(centres: torch.Tensor, alpha: float, probe: LinearProbe | None):
-    """features (B, C, h, w) -> {code, cluster_logits, linear_logits} of the fitted baseline."""
-
-    def head_fn(feats: torch.Tensor) -> dict:
-        code = F.normalize(feats, dim=1)
-        logits = alpha * torch.einsum("bchw,kc->bkhw", code, centres)
-        return {"code": code, "cluster_logits": logits, "linear_logits": probe(code) if probe is not None else None}
-
-    return head_fn
 
 
 def snap_to_patch(resolution: int, patch: int) -> int:
@@ -151,14 +129,16 @@ def main(cfg: KMeansConfig) -> dict:
     probe = None
     if cfg.linear_probe_steps > 0 and train.labels is not None:
         probe = fit_linear_probe(train.features, train.labels, train_ds.n_classes, cfg.linear_probe_steps, cfg.seed)
-    export(run_dir / "export" / "segmenter.pt", cfg, result.centres, probe, backbone, train_ds.n_classes, val_res)
+    exported = export(run_dir / "export" / "segmenter.pt", cfg, result.centres, probe, backbone, train_ds.n_classes,
+                      val_res)
 
     metrics = {"inertia": result.inertia, "n_clusters": k}
     if cfg.evaluate:
         val_ds = build_dataset(cfg.dataset, cfg.val_split, data_root=data_root, resolution=val_res)
         if val_ds.has_labels:
             val, val_flip = cache.get(backbone, val_ds), cache.get(backbone, val_ds, flip=True)
-            scores = evaluate_head(kmeans_head(result.centres, cfg.alpha, probe), val, flipped=val_flip,
+            # The exported segmenter itself is scored, so these numbers are the ones `compare` reproduces.
+            scores = evaluate_head(load(exported), val, flipped=val_flip,
                                    n_classes=val_ds.n_classes, n_clusters=k, extra_policy=cfg.extra_policy)
             metrics["unsupervised"] = {"acc": scores["unsupervised"]["acc"], "miou": scores["unsupervised"]["miou"]}
             if scores.get("linear"):
