@@ -169,12 +169,16 @@ def run_benchmarks(selected: list[str] | None = None, repeats: int = 1) -> list[
             continue
         print(f"running {module} ...", flush=True)
         started = time.perf_counter()
+        threads = torch.get_num_threads()
         try:
             result = merge_repeats([mod.run() for _ in range(max(1, repeats))])
         except Exception as error:  # noqa: BLE001 - one broken benchmark must not hide the others
             traceback.print_exc()
             sections += [f"## {description}", "", f"`{module}` FAILED: {type(error).__name__}: {error}", ""]
             continue
+        finally:
+            # Several benchmarks pin torch's thread count; the next one must not inherit it (nor depend on the order).
+            torch.set_num_threads(threads)
         print(f"  done in {time.perf_counter() - started:.1f} s", flush=True)
         sections += render_result(module, description, result)
     return sections

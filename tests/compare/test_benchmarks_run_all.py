@@ -49,3 +49,24 @@ def test_repeats_take_the_median_of_each_row():
     calls = [{"rows": [{"name": "a", "value": v, "unit": "s"}]} for v in (5.0, 1.0, 3.0)]
     merged = run_all.merge_repeats(calls)
     assert merged["rows"][0]["value"] == 3.0
+
+
+def test_a_benchmark_does_not_inherit_the_previous_ones_thread_count(monkeypatch):
+    import torch
+
+    seen = []
+    pinning = types.ModuleType("benchmarks._fake_pinning")
+    pinning.run = lambda: torch.set_num_threads(1) or {"rows": []}
+    recording = types.ModuleType("benchmarks._fake_recording")
+    recording.run = lambda: seen.append(torch.get_num_threads()) or {"rows": []}
+    monkeypatch.setitem(sys.modules, "benchmarks._fake_pinning", pinning)
+    monkeypatch.setitem(sys.modules, "benchmarks._fake_recording", recording)
+    monkeypatch.setattr(run_all, "BENCHMARKS", [("benchmarks._fake_pinning", "pins"),
+                                                ("benchmarks._fake_recording", "records")])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_all.run_benchmarks()
+        assert seen == [2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
