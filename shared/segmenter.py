@@ -110,12 +110,32 @@ class Segmenter(nn.Module):
         return {"code": code, "cluster_logits": self.alpha * inner, "linear_logits": linear_logits}
 
 
-def _check_branches(code_branches: list, state_dict: dict, path: str) -> None:
+def _check_shape(tensor: torch.Tensor, shape: tuple[int, ...], key: str, path: str) -> None:
+    if tuple(tensor.shape) != shape:
+        raise SegmenterFormatError(f"{path}: state_dict[{key!r}] has shape {tuple(tensor.shape)} but the metadata "
+                                   f"(n_classes, n_clusters, code_dim) asks for {shape}; re-export the segmenter.")
+
+
+def _build(head: dict, state: dict, metadata: dict, path: str) -> Segmenter:
+    """Check the head against the state dict and metadata, and build the module (save uses it to fail early)."""
+    code_branches, cluster = head["code_branches"], head["cluster"]
     if not isinstance(code_branches, list) or not code_branches:
         raise SegmenterFormatError(f"{path}: head.code_branches must be a non-empty list of op lists.")
-    for b, branch in enumerate(code_branches):
-        for o, op in enumerate(branch):
-            _build_op(op, state_dict, f"head.code_branches[{b}][{o}]", path)
+    if not isinstance(cluster, dict):
+        raise SegmenterFormatError(f"{path}: head.cluster must be a dict with 'alpha' and 'normalize'.")
+    branches = [nn.Sequential(*[_build_op(op, state, f"head.code_branches[{b}][{o}]", path)
+                                for o, op in enumerate(branch)])
+                for b, branch in enumerate(code_branches)]
+    code_dim = int(metadata["code_dim"])
+    centres = _tensor(state, "cluster.centres", "head.cluster", path)
+    _check_shape(centres, (int(metadata["n_clusters"]), code_dim), "cluster.centres", path)
+    linear = None
+    if head["linear"]:
+        linear = _build_op({"op": "conv1x1", "weight": "linear.weight",
+                            "bias": "linear.bias" if "linear.bias" in state else None}, state, "head.linear", path)
+        _check_shape(linear.weight, (int(metadata["n_classes"]), code_dim, 1, 1), "linear.weight", path)
+    return Segmenter(branches, centres, alpha=cluster.get("alpha", 2.0), normalize=cluster.get("normalize", True),
+                     linear=linear, metadata=metadata)
 
 
 def save_segmenter(path: str | os.PathLike, *, code_branches: list[list[dict]], state_dict: dict[str, torch.Tensor],
@@ -136,13 +156,13 @@ def save_segmenter(path: str | os.PathLike, *, code_branches: list[list[dict]], 
         state["linear.weight"] = linear_weight.detach().cpu().reshape(linear_weight.shape[0], -1, 1, 1).clone()
         if linear_bias is not None:
             state["linear.bias"] = linear_bias.detach().cpu().clone()
-    _check_branches(code_branches, state, str(path))
     blob = {
         "format": FORMAT, "version": VERSION, "metadata": dict(metadata),
         "head": {"code_branches": code_branches, "cluster": {"alpha": float(alpha), "normalize": True},
                  "linear": linear_weight is not None},
         "state_dict": state,
     }
+    _build(blob["head"], state, blob["metadata"], str(path))
     with atomic_open(path, "wb") as f:
         torch.save(blob, f)
     return path
@@ -180,17 +200,5 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> S
     """Read and validate an exported segmenter; returns a :class:`Segmenter` in eval mode on ``map_location``."""
     path = Path(path)
     blob = _read(path)
-    head, state = blob["head"], blob["state_dict"]
-    _check_branches(head["code_branches"], state, str(path))
-    branches = [nn.Sequential(*[_build_op(op, state, f"head.code_branches[{b}][{o}]", str(path))
-                                for o, op in enumerate(branch)])
-                for b, branch in enumerate(head["code_branches"])]
-    centres = _tensor(state, "cluster.centres", "head.cluster", str(path))
-    linear = None
-    if head["linear"]:
-        linear = _build_op({"op": "conv1x1", "weight": "linear.weight",
-                            "bias": "linear.bias" if "linear.bias" in state else None}, state, "head.linear", str(path))
-    cluster = head["cluster"]
-    seg = Segmenter(branches, centres, alpha=cluster.get("alpha", 2.0), normalize=cluster.get("normalize", True),
-                    linear=linear, metadata=blob["metadata"])
+    seg = _build(blob["head"], blob["state_dict"], blob["metadata"], str(path))
     return seg.to(map_location).eval().requires_grad_(False)

@@ -75,7 +75,7 @@ def test_other_ops_and_no_linear(tmp_path):
                 [{"op": "identity"}, {"op": "conv1x1", "weight": "conv.weight", "bias": None}]]
     centres = torch.randn(K, CODE)
     save_segmenter(tmp_path / "s.pt", code_branches=branches, state_dict=state, cluster_centres=centres, alpha=2.0,
-                   metadata=metadata())
+                   metadata=metadata(n_clusters=K))
     seg = load(tmp_path / "s.pt")
     x = torch.randn(1, DIM, 3, 3)
     with torch.no_grad():
@@ -112,9 +112,20 @@ def test_bad_files_give_clear_errors(tmp_path):
     write({**good, "head": {**good["head"], "variance": []}})
     with pytest.raises(SegmenterFormatError, match="variance"):
         load(path)
+    write({**good, "metadata": {**good["metadata"], "n_clusters": K}})  # the centres hold K + EXTRA rows
+    with pytest.raises(SegmenterFormatError, match=r"cluster\.centres.*\(4, 4\).*\(3, 4\)"):
+        load(path)
+    write({**good, "metadata": {**good["metadata"], "code_dim": CODE + 1}})
+    with pytest.raises(SegmenterFormatError, match=r"code_dim"):
+        load(path)
     path.write_bytes(b"not a torch file")
     with pytest.raises(SegmenterFormatError, match=str(path.name)):
         load(path)
     with pytest.raises(SegmenterFormatError, match="metadata lacks"):
         save_segmenter(tmp_path / "x.pt", code_branches=[[{"op": "identity"}]], state_dict={},
                        cluster_centres=torch.randn(K, DIM), alpha=2.0, metadata={"method": "x"})
+    with pytest.raises(SegmenterFormatError, match=r"linear\.weight.*\(2, 4, 1, 1\).*\(3, 4, 1, 1\)"):
+        save_segmenter(tmp_path / "x.pt", code_branches=[[{"op": "identity"}]], state_dict={},
+                       cluster_centres=torch.randn(K + EXTRA, CODE), alpha=2.0, linear_weight=torch.randn(2, CODE),
+                       metadata=metadata())
+    assert not (tmp_path / "x.pt").exists()
