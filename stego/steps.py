@@ -26,8 +26,9 @@ class IndexStream:
 
     def __init__(self, n_items: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
         if n_items < 2 * world_size:
-            raise ValueError(f"the training split has {n_items} images; STEGO needs at least 2 per process "
-                             f"({world_size} processes) to draw negative pairs.")
+            raise ValueError(f"the training split has {n_items} images but STEGO needs at least 2 per process "
+                             f"({world_size} processes) to draw negative pairs; use a larger train_split or fewer "
+                             "processes.")
         self.sampler = DistributedSampler(range(n_items), num_replicas=world_size, rank=rank, shuffle=True,
                                           seed=seed, drop_last=True)
         self.batch_size = min(batch_size, len(self.sampler))
@@ -53,7 +54,8 @@ def knn_partners(knn: np.ndarray, indices: np.ndarray, top: int, rng: np.random.
         row = knn[index]
         candidates = row[row != index][:top]  # robust to ties that move `index` away from column 0
         if len(candidates) == 0:
-            raise ValueError(f"kNN row {index} lists no neighbour other than the image itself; recompute the kNN file.")
+            raise ValueError(f"kNN row {index} lists no neighbour other than the image itself; delete the split's kNN "
+                             "file under nns_dir so that it is recomputed.")
         partners[n] = candidates[rng.integers(len(candidates))]
     return partners
 

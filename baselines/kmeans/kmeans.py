@@ -76,7 +76,8 @@ def cosine_kmeans(x: torch.Tensor, k: int, *, n_init: int = 5, max_iter: int = 1
     if x.ndim != 2:
         raise ValueError(f"cosine_kmeans expects (N, C) vectors, got shape {tuple(x.shape)}.")
     if x.shape[0] < k:
-        raise ValueError(f"cosine_kmeans needs at least k={k} vectors, got {x.shape[0]}.")
+        raise ValueError(f"cosine_kmeans needs at least k={k} vectors but got {x.shape[0]}; lower n_clusters or "
+                         "raise max_samples.")
     x = F.normalize(x.float(), dim=1)
     best: KMeansResult | None = None
     for restart in range(n_init):
