@@ -30,6 +30,10 @@ def test_cluster_probe_loss_moves_centres_towards_codes():
     loss, _ = probe(code)
     loss.backward()
     assert probe.centres.grad is not None and probe.centres.grad.abs().sum() > 0
+    with torch.no_grad():
+        before = probe.inner(code).amax(dim=1).mean()
+        probe.centres -= 0.1 * probe.centres.grad  # one descent step: each code's best cosine must rise
+        assert probe.inner(code).amax(dim=1).mean() > before
 
 
 def test_linear_probe_loss_ignores_unlabelled_pixels():
