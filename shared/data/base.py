@@ -65,14 +65,17 @@ def map_label(raw: np.ndarray, lut: np.ndarray, path: Path, beyond: int | None =
     """Map raw ids (H, W) through `lut`; ids past the table map to `beyond`, or are an error when it is None."""
     if raw.size and (raw.min() < 0 or (beyond is None and raw.max() >= len(lut))):
         bad = raw[(raw < 0) | (raw >= len(lut))]
-        raise BadSampleError(f"Label {path} contains id {int(bad[0])}, outside the known ids of this dataset.")
+        raise BadSampleError(f"Label {path} contains id {int(bad[0])}, outside the known ids of this dataset; "
+                             "re-create the file from the official release or pass on_bad='skip'.")
     clipped = np.clip(raw, 0, len(lut) - 1)
     out = lut[clipped]
     if beyond is not None:
         out = np.where(raw >= len(lut), beyond, out)
     if (out == INVALID).any():
         unknown = sorted(set(np.unique(raw[out == INVALID]).tolist()))
-        raise BadSampleError(f"Label {path} contains ids {unknown[:10]}, which this dataset does not define.")
+        raise BadSampleError(f"Label {path} contains ids {unknown[:10]}, which this dataset does not define; "
+                             "check n_classes / ignore_id (folder datasets), re-create the file, "
+                             "or pass on_bad='skip'.")
     return out
 
 
