@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from shared import dist as sdist
 from shared.crf import CRFPool
 from shared.metrics import ConfusionAccumulator, all_reduce_sum_
 
@@ -29,9 +29,7 @@ RESULT_KEYS = ("unsupervised", "linear", "crf_unsupervised", "crf_linear")
 
 
 def _shard(n: int) -> np.ndarray:
-    if dist.is_available() and dist.is_initialized():
-        return np.arange(dist.get_rank(), n, dist.get_world_size())
-    return np.arange(n)
+    return np.arange(sdist.get_rank(), n, sdist.get_world_size())
 
 
 def _device_of(head_fn: HeadFn) -> torch.device:

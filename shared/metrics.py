@@ -18,27 +18,23 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
+
+from shared import dist as sdist
 
 EXTRA_POLICIES = ("error", "majority", "drop", "stego")
 MATCHINGS = ("hungarian", "identity")
 
 
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` across DDP ranks in place and return it; no-op when torch.distributed is not initialised.
+    """Sum ``t`` across DDP ranks in place and return it (:func:`shared.dist.all_reduce_sum`), wherever ``t`` lives.
 
-    NCCL only reduces CUDA tensors, so a CPU tensor takes a round trip through the current CUDA device.
+    NCCL only reduces CUDA tensors, so a CPU histogram takes a round trip through ``shared.dist.flag_device()``.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    if dist.get_backend() == "nccl" and t.device.type != "cuda":
-        buf = t.to(f"cuda:{torch.cuda.current_device()}")
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        t.copy_(buf.cpu())
-    else:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    device = sdist.flag_device()
+    if sdist.get_world_size() == 1 or t.device == device:
+        return sdist.all_reduce_sum(t)
+    return t.copy_(sdist.all_reduce_sum(t.to(device)))
 
 
 def confusion_histogram(pred: torch.Tensor, target: torch.Tensor, n_clusters: int, n_classes: int) -> torch.Tensor:
