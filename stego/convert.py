@@ -32,7 +32,8 @@ REQUIRED = (*LINEAR, "cluster_probe.clusters")
 
 
 class _Placeholder:
-    """Stands in for classes of packages we do not have (omegaconf, pytorch_lightning) in the hyper-parameters."""
+    """Stands in for every class or function outside the allow-list (e.g. omegaconf and pytorch_lightning classes in
+    the hyper-parameters); calling it only stores the arguments."""
 
     def __init__(self, *args, **kwargs) -> None:
         self.args = args
@@ -41,15 +42,32 @@ class _Placeholder:
         self.state = state
 
 
-class _LenientUnpickler(pickle.Unpickler):
-    """Resolves torch / numpy / builtins normally and replaces any other class by `_Placeholder`."""
+_BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray"}
+_NUMPY_ARRAYS = {"scalar", "_reconstruct"}
+# What a Lightning checkpoint needs to rebuild its tensors and plain containers. Storage types never get here:
+# torch.load resolves every name containing "Storage" itself. Anything else (a callable such as builtins.exec,
+# numpy's or torch's many functions) would let a crafted file run code, so it becomes a `_Placeholder`.
+_ALLOWED_GLOBALS = {
+    "collections": {"OrderedDict"},
+    "torch._utils": {"_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"},
+    "torch": {"Size", "device"},  # and the dtypes, see find_class
+    "builtins": _BUILTINS,
+    "__builtin__": _BUILTINS,  # protocol-2 pickles spell the module this way
+    "_codecs": {"encode"},
+    "numpy": {"dtype", "ndarray"},
+    "numpy.core.multiarray": _NUMPY_ARRAYS,
+    "numpy._core.multiarray": _NUMPY_ARRAYS,
+}
 
-    SAFE_ROOTS = ("torch", "collections", "numpy", "builtins", "_codecs", "copyreg")
+
+class _LenientUnpickler(pickle.Unpickler):
+    """Resolves only the names in `_ALLOWED_GLOBALS` (and torch dtypes); any other class or function becomes
+    `_Placeholder`, so classes of packages we lack load and no pickled callable can run."""
 
     def find_class(self, module: str, name: str):
-        if module.split(".")[0] in self.SAFE_ROOTS:
-            return super().find_class(module, name)
-        return _Placeholder
+        allowed = name in _ALLOWED_GLOBALS.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        return super().find_class(module, name) if allowed else _Placeholder
 
 
 class _LenientPickleModule:

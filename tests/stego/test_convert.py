@@ -74,6 +74,28 @@ def test_converted_segmenter_matches_the_official_head(tmp_path, nonlinear):
         == ("dino_vits8", "sha256-test", K, K + EXTRA, D)
 
 
+class _RunsCode:
+    """Unpickling this calls builtins.exec, as a crafted checkpoint would."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_a_pickled_callable_is_not_run(tmp_path):
+    marker = tmp_path / "ran.txt"
+    state = official_state()
+    # Protocol 4 names the module `builtins` (protocol 2 writes `__builtin__`).
+    torch.save({"state_dict": state, "hyper_parameters": {"cfg": _RunsCode(marker)}}, tmp_path / "crafted.ckpt",
+               pickle_protocol=4)
+    out = convert(tmp_path / "crafted.ckpt", tmp_path / "seg.pt", backbone="dino_vits8", weights_id="x")
+    assert not marker.exists()
+    torch.testing.assert_close(load(out).centres, state["cluster_probe.clusters"])
+
+
 def test_bare_state_dict_and_cli(tmp_path, capsys):
     torch.save(official_state(), tmp_path / "bare.pt")  # weights_only-loadable
     main([str(tmp_path / "bare.pt"), str(tmp_path / "seg.pt"), "--backbone", "dino_vits8", "--weights-id", "x"])
