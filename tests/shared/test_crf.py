@@ -55,6 +55,15 @@ def test_dense_crf_matches_direct_pydensecrf():
     assert (out.argmax(0) != F.interpolate(logits[None], (30, 40), mode="bilinear")[0].argmax(0).numpy()).any()
 
 
+def test_crf_image_is_bgr_uint8():
+    # The exact kernel only sees colour distances, which a channel swap keeps (the permutohedral lattice does
+    # not quite), so the originals' BGR order is checked on its own: pure red must come out as (0, 0, 255).
+    red = torch.from_numpy((np.array([1.0, 0.0, 0.0]) - MEAN) / STD).float().view(3, 1, 1).expand(3, 2, 3)
+    bgr = crf_module.image_to_bgr_uint8(red)
+    assert bgr.dtype == np.uint8 and bgr.shape == (2, 3, 3) and bgr.flags["C_CONTIGUOUS"]
+    assert (bgr == np.array([0, 0, 255], np.uint8)).all()
+
+
 def test_batched_equals_single_in_pool_and_in_process():
     pairs = [make_inputs(s) for s in range(3)]
     images = torch.stack([p[0] for p in pairs])

@@ -59,9 +59,9 @@ def test_load_or_compute_equals_reference_and_is_reused(tmp_path):
     again = load_or_compute_knn(backbone, ds, k=3, nns_dir=tmp_path / "nns", progress=False)
     assert backbone.images_seen == seen
     np.testing.assert_array_equal(again, nns[:, :3])
-    other = load_or_compute_knn(FakeBackbone(weights_id="other"), ds, k=3, nns_dir=tmp_path / "nns",
-                                progress=False)  # different weights: recomputed, not reused
-    assert other.shape == (12, 3)
+    other_backbone = FakeBackbone(weights_id="other")
+    other = load_or_compute_knn(other_backbone, ds, k=3, nns_dir=tmp_path / "nns", progress=False)
+    assert other_backbone.images_seen == 12 and other.shape == (12, 3)  # different weights: recomputed, not reused
 
 
 def test_k_larger_than_split_is_a_clear_error():
