@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from shared.data.base import SegmentationDataset, make_lut, map_label, read_label_png, require
+from shared.data.errors import DatasetLayoutError
 
 COARSE_CLASSES = (
     "electronic", "appliance", "food-things", "furniture-things", "indoor", "kitchen", "accessory", "animal",
@@ -44,14 +46,21 @@ class CocoStuff27(SegmentationDataset):
         self.curated_list = curated_list or DEFAULT_LISTS[folder]
         make = f"python -m shared.data.prepare cocostuff --src <folder with train2017.zip, val2017.zip, " \
                f"stuffthingmaps_trainval2017.zip> --dst {data_root}"
-        require(self.root / "images" / folder, "COCO-Stuff image folder", make)
-        require(self.root / "annotations" / folder, "COCO-Stuff annotation folder", make)
+        image_dir = require(self.root / "images" / folder, "COCO-Stuff image folder", make)
+        label_dir = require(self.root / "annotations" / folder, "COCO-Stuff annotation folder", make)
         list_path = require(
             self.root / "curated" / folder / self.curated_list, "COCO-Stuff curated list",
             f"python -m shared.data.prepare cocostuff --src <...> --dst {data_root} --ids-file <ids.txt> "
             f"--ids-split {folder} --list-name {self.curated_list}",
         )
         ids = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
+        # One directory listing each (not a stat per file): the training list has ~118k ids.
+        for directory, suffix in ((image_dir, ".jpg"), (label_dir, ".png")):
+            present = {entry.name for entry in os.scandir(directory)}
+            missing = [f"{i}{suffix}" for i in ids if f"{i}{suffix}" not in present]
+            if missing:
+                raise DatasetLayoutError(f"{len(missing)} file(s) listed in {list_path} are missing from {directory}, "
+                                         f"e.g. {missing[0]}. Make them with: {make}")
         self._lut = fine_to_coarse_lut()
         self._setup([(f"images/{folder}/{i}.jpg", f"annotations/{folder}/{i}.png") for i in ids])
 

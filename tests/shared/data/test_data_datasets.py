@@ -38,6 +38,14 @@ def test_cocostuff_unknown_fine_id_names_the_file(tmp_path):
         ds[0]
 
 
+def test_cocostuff_listed_file_missing_is_a_layout_error(tmp_path):
+    make_coco(tmp_path, {"000000000001": strip([0]), "000000000002": strip([0])})
+    (tmp_path / "cocostuff" / "annotations" / "val2017" / "000000000002.png").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"1 file.*Coco164kFull_Stuff_Coarse_7.txt.*000000000002\.png.*"
+                                                 r"prepare cocostuff"):
+        build_dataset("cocostuff27", "val", data_root=tmp_path)
+
+
 def test_cityscapes_label_is_id_minus_7(tmp_path):
     make_cityscapes(tmp_path, {"lindau_000000_000019": strip([0, 6, 7, 8, 26, 33, 34, 255])})
     ds = build_dataset("cityscapes27", "val", data_root=tmp_path)
