@@ -119,7 +119,7 @@ def scores_from_histogram(histogram: np.ndarray | torch.Tensor, matching: str = 
         mapping = _identity_mapping(n_clusters, n_classes)
     elif extra_policy == "stego":
         mapping = np.full(n_clusters, -1, dtype=np.int64)
-        mapping[:n_classes] = hungarian_match(stats[:n_classes])[: min(n_classes, n_clusters)]
+        mapping[:n_classes] = hungarian_match(stats[:n_classes])
     else:
         mapping = hungarian_match(stats)
     mapping, keep = _apply_extra_policy(stats, mapping, extra_policy)
