@@ -177,13 +177,14 @@ def _read(path: Path) -> dict:
     except Exception as e:  # truncated file, pickle with non-tensor objects, ...
         raise SegmenterFormatError(f"{path} is not a readable segmenter file ({type(e).__name__}: {e}).") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise SegmenterFormatError(f"{path} is not an exported segmenter (format is not {FORMAT!r}).")
+        raise SegmenterFormatError(f"{path} is not an exported segmenter (format is not {FORMAT!r}); pass the "
+                                   "export/segmenter.pt a trainer wrote (a training checkpoint is not one).")
     if blob.get("version") != VERSION:
         raise SegmenterFormatError(f"{path} has segmenter format version {blob.get('version')!r}; this toolkit "
                                    f"reads version {VERSION}. Re-export it with this toolkit.")
     for key in ("metadata", "head", "state_dict"):
         if not isinstance(blob.get(key), dict):
-            raise SegmenterFormatError(f"{path}: missing or malformed top-level key {key!r}.")
+            raise SegmenterFormatError(f"{path}: missing or malformed top-level key {key!r}; re-export the segmenter.")
     missing = [k for k in REQUIRED_METADATA if k not in blob["metadata"]]
     if missing:
         raise SegmenterFormatError(f"{path}: metadata lacks {missing}; re-export the segmenter.")
