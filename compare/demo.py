@@ -29,8 +29,9 @@ RANDOM = "none"
 
 # (method directory under runs/, training command, overrides for --fast). A new method adds one line; every
 # command takes the common trainer keys name=, output_root=, backbone_weights=, cache_dir=, device=.
+# "{cache_root}" stands for the folder above cache_dir, so that other caches (STEGO's kNN files) sit beside it.
 METHODS: list[tuple[str, list[str], list[str]]] = [
-    ("stego", ["-m", "stego.train", "--config", "stego/configs/demo.yaml"],
+    ("stego", ["-m", "stego.train", "--config", "stego/configs/demo.yaml", "nns_dir={cache_root}/nns"],
      ["five_crop=false", "resolution=56", "val_resolution=56", "code_dim=8", "feature_samples=4", "neg_samples=2",
       "batch_size=4", "val_batch_size=8", "max_steps=2", "val_every=1000", "crf_at_end=false", "n_figure_images=1"]),
     ("kmeans", ["-m", "baselines.kmeans.fit", f"dataset={DATASET}"],
@@ -107,6 +108,7 @@ def train_methods(out: Path, weights: str, weights_id: str, cache_dir: str, fast
         else:
             common = [f"name={run_name}", f"output_root={out / 'runs'}", f"backbone_weights={weights}",
                       f"cache_dir={cache_dir}", "device=cpu"]
+            command = [part.format(cache_root=Path(cache_dir).parent) for part in command]
             argv = [sys.executable, *command, *common, *(fast_overrides if fast else [])]
             print(f"[demo] {method}: training -> {run_dir}\n       {' '.join(argv[1:])}", flush=True)
             started = time.perf_counter()

@@ -26,6 +26,7 @@ def test_fast_demo_runs_end_to_end_and_reuses_finished_runs(tmp_path, capsys):
     _check_output(output, tmp_path / "demo")
     printed = capsys.readouterr().out
     assert "report:" in printed and "| method |" in printed
+    assert any((tmp_path / "nns").iterdir())  # STEGO's kNN file sits beside the feature cache, not in the repository
     # A second run trains nothing: every finished run (same backbone weights) is reused.
     weights_id = output.header["backbones"][0]["weights_id"]
     runs = demo.train_methods(tmp_path / "demo", "none", weights_id, cache, fast=True)
