@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from shared.data.errors import BadSampleError, DatasetLayoutError
-from shared.data.transforms import eval_view
+from shared.data.transforms import VIEW_VERSION, eval_view
 
 INVALID = -2  # marks label ids that a dataset does not know; any such id is a bad sample
 
@@ -186,6 +186,7 @@ class SegmentationDataset(Dataset):
             for image, label in sorted(self.samples, key=lambda s: s[0]):
                 sizes = [str((self.root / p).stat().st_size) if p else "-" for p in (image, label)]
                 digest.update(f"{image}|{label}|{'|'.join(sizes)}\n".encode())
+            digest.update(f"view-v{VIEW_VERSION}".encode())
             self._cache_id = f"{self.name}-{self.split}-{self.crop_type}-r{self.resolution}-{digest.hexdigest()[:12]}"
         return self._cache_id
 

@@ -4,30 +4,36 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
-    """Source index for each output index of a nearest-neighbour resize (pixel-centre aligned), shape (n_out,)."""
-    idx = np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64)
-    return np.clip(idx, 0, n_in - 1)
+# Part of every dataset's cache id: bump it when the view changes, so no cache or kNN file of the old view is reused.
+VIEW_VERSION = 2  # 2: PIL nearest with torchvision's size rule (1 rounded the long side and indexed in numpy)
+
+
+def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(new_h, new_w) with the short side `size` and the long side truncated, as torchvision's `Resize(size)`."""
+    if h <= w:
+        return size, int(size * w / h)
+    return int(size * h / w), size
 
 
 def resize_short_side_nearest(array: np.ndarray, size: int) -> np.ndarray:
-    """Resize an (H, W) or (H, W, C) array so its short side is `size`, nearest neighbour.
+    """Resize an (H, W) or (H, W, 3) array so its short side is `size`, nearest neighbour.
 
-    Image and label use this same function so that they stay pixel aligned and labels gain no new values.
+    Exactly what the original codebases' `T.Resize(size, Image.NEAREST)` does to a PIL image (torchvision's
+    output size, PIL's nearest sampling), so cached features see the pixels the papers' models saw. Image and
+    label use this same function, so they stay aligned and labels gain no new values (-1 included).
     """
-    h, w = array.shape[:2]
-    if h <= w:
-        new_h, new_w = size, max(size, int(round(w * size / h)))
-    else:
-        new_h, new_w = max(size, int(round(h * size / w))), size
-    rows = nearest_indices(h, new_h)
-    cols = nearest_indices(w, new_w)
-    return array[rows][:, cols]
+    new_h, new_w = resized_size(*array.shape[:2], size)
+    if array.ndim == 3:
+        resized = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).resize((new_w, new_h), Image.NEAREST)
+        return np.asarray(resized)
+    as_int32 = Image.fromarray(np.ascontiguousarray(array, dtype=np.int32))  # mode "I": any label id, -1 too
+    return np.asarray(as_int32.resize((new_w, new_h), Image.NEAREST)).astype(array.dtype)
 
 
 def center_crop(array: np.ndarray, size: int) -> np.ndarray:

@@ -162,6 +162,25 @@ def test_view_geometry_by_hand(tmp_path):
     assert item["label"].tolist() == [[3, 5], [3, 5]]
 
 
+@pytest.mark.parametrize("height, width, resolution", [(480, 640, 224), (360, 480, 322), (1024, 2048, 320),
+                                                       (375, 500, 224), (333, 201, 56), (240, 320, 448)])
+def test_view_equals_the_original_torchvision_transforms(height, width, resolution):
+    # The originals ran T.Resize(res, NEAREST) + T.CenterCrop(res) on PIL images; ours must pick the same pixels.
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from shared.data.transforms import center_crop, resize_short_side_nearest
+
+    rng = np.random.default_rng(height + width)
+    image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    label = rng.integers(-1, 27, size=(height, width))
+    original = T.Compose([T.Resize(resolution, T.InterpolationMode.NEAREST), T.CenterCrop(resolution)])
+    expected_image = np.asarray(original(Image.fromarray(image)))
+    expected_label = np.asarray(original(Image.fromarray((label + 1).astype(np.uint8)))).astype(np.int64) - 1
+    assert np.array_equal(center_crop(resize_short_side_nearest(image, resolution), resolution), expected_image)
+    assert np.array_equal(center_crop(resize_short_side_nearest(label, resolution), resolution), expected_label)
+
+
 def test_cache_id_tracks_files_split_resolution_not_root(tmp_path):
     make_folder(tmp_path / "a" / "camvid", {"x": strip([1]), "y": strip([2])})
     shutil.copytree(tmp_path / "a", tmp_path / "b")
