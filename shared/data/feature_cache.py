@@ -180,7 +180,10 @@ class FeatureCache:
                       progress: bool) -> dict:
         """Run the backbone over the dataset in order and fill the memmaps; returns the meta fields."""
         n, res = len(dataset), dataset.resolution
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        # Its own generator: a DataLoader draws a seed per iterator, which would otherwise shift the global random
+        # stream on the rank that builds (and a trainer's initial weights with it).
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            generator=torch.Generator())
         labels = None
         if dataset.has_labels:
             labels = np.memmap(tmp / LABELS_FILE, dtype=np.int16, mode="w+", shape=(n, res, res))

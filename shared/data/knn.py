@@ -29,7 +29,8 @@ def knn_path(backbone, dataset, nns_dir: str | os.PathLike = "cache/nns") -> Pat
 def pooled_features(backbone, dataset, *, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
     """(N, C) float32: spatial mean of backbone features, L2-normalised; backbone in eval mode."""
     pooled = []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    # Its own generator, so the global random stream (a trainer's initial weights) is untouched.
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     with eval_mode(backbone) as device:  # the original left dropout on here by mistake
         for batch in tqdm(loader, desc=f"knn features {dataset.name}/{dataset.split}", unit="batch",
                           disable=not progress):

@@ -127,3 +127,14 @@ def test_under_ddp_only_rank_0_builds(tmp_path, dataset):
                                                             str(tmp_path / "cache"), str(tmp_path)))
     rank0, rank1 = np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy")
     assert rank0[0] == 5 and rank1[0] == 0 and rank0[1] == rank1[1]
+
+
+def test_building_a_cache_leaves_the_global_random_stream_alone(tmp_path, dataset):
+    # A trainer seeds, builds its caches (on rank 0 only under DDP), then initialises its weights: the build
+    # must not consume global random numbers, or the weights would depend on whether the cache existed.
+    backbone = FakeBackbone()  # built first: its Conv2d initialisation draws from the global stream
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    FeatureCache(tmp_path / "cache").get(backbone, dataset, batch_size=2, progress=False)
+    assert torch.equal(torch.rand(3), expected)

@@ -67,3 +67,15 @@ def test_load_or_compute_equals_reference_and_is_reused(tmp_path):
 def test_k_larger_than_split_is_a_clear_error():
     with pytest.raises(ValueError, match="k=5.*only 3"):
         topk_cosine(torch.eye(3), 5)
+
+
+def test_computing_knn_leaves_the_global_random_stream_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    make_folder(tmp_path / "camvid", {f"f{i}": rng.integers(0, 12, size=(24, 32)) for i in range(4)})
+    dataset = build_dataset("camvid", "train", data_root=tmp_path, resolution=16)
+    backbone = FakeBackbone()  # built first: its Conv2d initialisation draws from the global stream
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_or_compute_knn(backbone, dataset, k=3, nns_dir=tmp_path / "nns", progress=False)
+    assert torch.equal(torch.rand(3), expected)
