@@ -53,6 +53,11 @@ def store_matmul_weights_in_bf16(model: nn.Module) -> None:
             module.to(torch.bfloat16)
 
 
+def snap_to_patch(resolution: int, patch: int) -> int:
+    """Nearest multiple of the patch size (320 -> 322 for /14 backbones), so no border patch is dropped."""
+    return max(patch, int(round(resolution / patch)) * patch)
+
+
 class FrozenBackbone(nn.Module):
     """A ViT in eval mode without gradients; every call runs under no_grad and returns float32.
 

@@ -97,6 +97,8 @@ def evaluate_head(head_fn: HeadFn, features: Any, *, flipped: Any | None, n_clas
     Args:
         head_fn: features (B, C, h, w) float32 -> {"cluster_logits": (B, n_clusters, h, w),
             "linear_logits": (B, n_classes, h, w) or None, ...} (e.g. a :class:`shared.segmenter.Segmenter`).
+            An ``nn.Module`` is put in eval mode for the call; a plain function (a closure over a trainer's
+            modules) cannot be, so the caller must switch those modules to eval mode first (dropout!).
         features / flipped: CachedFeatures-like (``.features`` (N, C, h, w), ``.labels`` (N, R, R) or None).
         crf_images: dataset whose items are dicts with "image" (3, R', R'); enables the CRF scores.
         device: where features go; default: the device of ``head_fn``'s parameters (cpu for plain functions).

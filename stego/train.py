@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from shared.backbone import build_backbone
+from shared.backbone import build_backbone, snap_to_patch
 from shared.checkpoint import (
     gather_rng_states,
     load_checkpoint,
@@ -65,11 +65,6 @@ class RunData:
     val: object
     val_flip: object
     knn: np.ndarray
-
-
-def snap_to_patch(resolution: int, patch: int) -> int:
-    """Nearest multiple of the patch size (320 -> 322 for /14 backbones), so no border patch is dropped."""
-    return max(patch, int(round(resolution / patch)) * patch)
 
 
 def build_run_data(cfg: StegoConfig, backbone, log) -> RunData:

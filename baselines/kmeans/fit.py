@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines.kmeans.kmeans import cosine_kmeans
-from shared.backbone import build_backbone
+from shared.backbone import build_backbone, snap_to_patch
 from shared.config import parse_args, save_resolved_config
 from shared.data import build_dataset
 from shared.data.feature_cache import FeatureCache
@@ -100,11 +100,6 @@ def export(path: Path, cfg: KMeansConfig, centres: torch.Tensor, probe: LinearPr
                   "pretrained_backbone": bool(backbone.pretrained), "feature_layer": cfg.feature_layer,
                   "resolution": resolution, "n_classes": n_classes, "n_clusters": int(centres.shape[0]),
                   "code_dim": int(centres.shape[1]), "dataset": cfg.dataset, "probabilistic": False})
-
-
-def snap_to_patch(resolution: int, patch: int) -> int:
-    """Nearest multiple of the patch size (320 -> 322 for /14 backbones), so no border patch is dropped."""
-    return max(patch, int(round(resolution / patch)) * patch)
 
 
 def main(cfg: KMeansConfig) -> dict:
