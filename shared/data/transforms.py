@@ -31,7 +31,7 @@ def resize_short_side_nearest(array: np.ndarray, size: int) -> np.ndarray:
     new_h, new_w = resized_size(*array.shape[:2], size)
     if array.ndim == 3:
         resized = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).resize((new_w, new_h), Image.NEAREST)
-        return np.asarray(resized)
+        return np.array(resized)  # a writable copy: PIL's buffer is read-only, which torch warns about
     as_int32 = Image.fromarray(np.ascontiguousarray(array, dtype=np.int32))  # mode "I": any label id, -1 too
     return np.asarray(as_int32.resize((new_w, new_h), Image.NEAREST)).astype(array.dtype)
 
