@@ -7,7 +7,8 @@
    coming from an untrained backbone.
 2. Builds the feature caches the comparison needs (the trainers build theirs; all are reused on a re-run).
 3. Trains every method in `METHODS` with its short demo settings, each in its own process, skipping a run whose
-   export/segmenter.pt already exists for the same backbone weights.
+   export/segmenter.pt already exists for the same backbone weights and the same recipe (command line and
+   config file contents).
 4. Runs the comparison and prints the table and the paths of report.md and comparison.png.
 
 `--fast` shrinks everything (tiny resolution, a few steps) for the test suite; its numbers mean nothing.
@@ -16,6 +17,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -84,37 +87,55 @@ def build_caches(weights: str, resolution: int, cache_dir: str) -> str:
     return backbone.weights_id
 
 
-def finished(run_dir: Path, weights_id: str) -> bool:
-    """True when the run exported a segmenter over the same backbone weights (so it need not be retrained)."""
+RECIPE_FILE = "demo_recipe.json"
+
+
+def training_recipe(argv: list[str]) -> dict:
+    """What a run is trained with: its command line and the content of every `--config` file it names."""
+    configs = {value: hashlib.sha1((REPO / value).read_bytes()).hexdigest()
+               for flag, value in zip(argv, argv[1:], strict=False) if flag == "--config"}
+    return {"argv": argv, "config_files": configs}
+
+
+def finished(run_dir: Path, weights_id: str, recipe: dict) -> bool:
+    """True when the run exported a segmenter over the same backbone weights with the same recipe (command line
+    and config file contents), so it need not be retrained; an edited demo.yaml or other flags retrain it."""
     path = run_dir / "export" / "segmenter.pt"
-    if not path.is_file():
+    recipe_path = run_dir / RECIPE_FILE
+    if not path.is_file() or not recipe_path.is_file():
         return False
     from shared.segmenter import load
 
     try:
-        return load(path).metadata.get("backbone_weights_id") == weights_id
-    except Exception:  # noqa: BLE001 - an unreadable export is retrained
+        same_recipe = json.loads(recipe_path.read_text()) == recipe
+        return same_recipe and load(path).metadata.get("backbone_weights_id") == weights_id
+    except Exception:  # noqa: BLE001 - an unreadable export or recipe is retrained
         return False
 
 
 def train_methods(out: Path, weights: str, weights_id: str, cache_dir: str, fast: bool) -> list[str]:
     """Train (or reuse) every method's demo run; returns the run directories that have an export."""
+    from shared.atomic_io import atomic_write_text
+
     run_name = (FAST if fast else FULL)["run_name"]
     runs = []
     for method, command, fast_overrides in METHODS:
         run_dir = out / "runs" / method / DATASET / run_name
-        if finished(run_dir, weights_id):
+        common = [f"name={run_name}", f"output_root={out / 'runs'}", f"backbone_weights={weights}",
+                  f"cache_dir={cache_dir}", "device=cpu"]
+        command = [part.format(cache_root=Path(cache_dir).parent) for part in command]
+        argv = [*command, *common, *(fast_overrides if fast else [])]
+        recipe = training_recipe(argv)
+        if finished(run_dir, weights_id, recipe):
             print(f"[demo] {method}: reusing {run_dir}", flush=True)
         else:
-            common = [f"name={run_name}", f"output_root={out / 'runs'}", f"backbone_weights={weights}",
-                      f"cache_dir={cache_dir}", "device=cpu"]
-            command = [part.format(cache_root=Path(cache_dir).parent) for part in command]
-            argv = [sys.executable, *command, *common, *(fast_overrides if fast else [])]
-            print(f"[demo] {method}: training -> {run_dir}\n       {' '.join(argv[1:])}", flush=True)
+            print(f"[demo] {method}: training -> {run_dir}\n       {' '.join(argv)}", flush=True)
             started = time.perf_counter()
-            done = subprocess.run(argv, cwd=REPO, check=False)
+            done = subprocess.run([sys.executable, *argv], cwd=REPO, check=False)
             state = "done" if done.returncode == 0 else f"FAILED (exit code {done.returncode})"
             print(f"[demo] {method}: {state} in {time.perf_counter() - started:.0f} s", flush=True)
+            if done.returncode == 0:
+                atomic_write_text(run_dir / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
         # A failed or missing run is still listed, so the report shows it as failed instead of hiding it.
         runs.append(str(run_dir))
     return runs

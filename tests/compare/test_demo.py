@@ -33,8 +33,15 @@ def test_fast_demo_runs_end_to_end_and_reuses_finished_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("reusing") == len(demo.METHODS) and "training ->" not in printed
     assert runs == [r.path for r in output.results]
-    # Runs over other weights are not reused.
-    assert not demo.finished(tmp_path / "demo" / "runs" / "kmeans" / "camvid_sample" / "demo_fast", "other")
+    # Runs over other weights, or trained with another recipe (flags or config file contents), are not reused.
+    kmeans_run = tmp_path / "demo" / "runs" / "kmeans" / "camvid_sample" / "demo_fast"
+    recipe = json.loads((kmeans_run / demo.RECIPE_FILE).read_text())
+    assert demo.finished(kmeans_run, weights_id, recipe)
+    assert not demo.finished(kmeans_run, "other", recipe)
+    assert not demo.finished(kmeans_run, weights_id, {**recipe, "argv": [*recipe["argv"], "n_init=2"]})
+    stego_recipe = json.loads((tmp_path / "demo" / "runs" / "stego" / "camvid_sample" / "demo_fast" /
+                               demo.RECIPE_FILE).read_text())
+    assert list(stego_recipe["config_files"]) == ["stego/configs/demo.yaml"]  # an edited demo.yaml retrains
 
 
 @pytest.mark.slow
