@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and never touches pyplot's global state
 
-from shared.metrics import all_reduce_sum_
+from shared import dist as sdist
 
 
 def _flatten(probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +88,7 @@ class CalibrationAccumulator:
 
     def all_reduce(self) -> CalibrationAccumulator:
         for t in (self.bin_count, self.bin_confidence, self.bin_correct, self.sums):
-            all_reduce_sum_(t)
+            sdist.all_reduce_sum(t)
         return self
 
     def compute(self) -> dict:
@@ -165,7 +165,7 @@ class UncertaintyAccumulator:
         self.hist += torch.bincount(wrong * self.n_bins + idx, minlength=2 * self.n_bins).reshape(2, -1).double()
 
     def all_reduce(self) -> UncertaintyAccumulator:
-        all_reduce_sum_(self.hist)
+        sdist.all_reduce_sum(self.hist)
         return self
 
     def compute(self, fractions: Sequence[float] = tuple(np.linspace(0.0, 0.95, 20))) -> dict:

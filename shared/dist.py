@@ -165,10 +165,23 @@ def _active() -> bool:
     return is_initialized() and dist.get_world_size() > 1
 
 
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    """``dist.all_reduce`` in place, wherever ``t`` lives: NCCL reduces only CUDA tensors, so a CPU tensor (a
+    metric histogram, say) takes a round trip through :func:`flag_device`."""
+    device = flag_device()
+    if t.device == device:
+        dist.all_reduce(t, op=op)
+        return t
+    moved = t.to(device)
+    dist.all_reduce(moved, op=op)
+    return t.copy_(moved)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over all ranks in place and return it; a no-op without a multi-process group."""
+    """Sum ``t`` over all ranks in place and return it (CPU or CUDA, any backend); a no-op without a
+    multi-process group."""
     if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        _all_reduce(t, dist.ReduceOp.SUM)
     return t
 
 
@@ -177,7 +190,7 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if not t.is_floating_point():
         raise TypeError(f"all_reduce_mean needs a floating-point tensor, got {t.dtype}; use all_reduce_sum.")
     if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        _all_reduce(t, dist.ReduceOp.SUM)
         t.div_(dist.get_world_size())
     return t
 
@@ -185,7 +198,7 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     """Element-wise maximum of ``t`` over all ranks, in place (used to agree on stop / error flags)."""
     if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        _all_reduce(t, dist.ReduceOp.MAX)
     return t
 
 

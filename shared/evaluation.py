@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from shared import dist as sdist
 from shared.crf import CRFPool
-from shared.metrics import ConfusionAccumulator, all_reduce_sum_
+from shared.metrics import ConfusionAccumulator
 
 HeadFn = Callable[[torch.Tensor], dict]
 RESULT_KEYS = ("unsupervised", "linear", "crf_unsupervised", "crf_linear")
@@ -152,7 +152,7 @@ def evaluate_head(head_fn: HeadFn, features: Any, *, flipped: Any | None, n_clas
             head_fn.train()
     for acc in accs.values():
         acc.all_reduce()
-    all_reduce_sum_(flags)
+    sdist.all_reduce_sum(flags)
     return _results(accs, flags, extra_policy, len(features.features), crf_images is not None)
 
 

@@ -26,17 +26,6 @@ EXTRA_POLICIES = ("error", "majority", "drop", "stego")
 MATCHINGS = ("hungarian", "identity")
 
 
-def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` across DDP ranks in place and return it (:func:`shared.dist.all_reduce_sum`), wherever ``t`` lives.
-
-    NCCL only reduces CUDA tensors, so a CPU histogram takes a round trip through ``shared.dist.flag_device()``.
-    """
-    device = sdist.flag_device()
-    if sdist.get_world_size() == 1 or t.device == device:
-        return sdist.all_reduce_sum(t)
-    return t.copy_(sdist.all_reduce_sum(t.to(device)))
-
-
 def confusion_histogram(pred: torch.Tensor, target: torch.Tensor, n_clusters: int, n_classes: int) -> torch.Tensor:
     """Count ``stats[pred, gt]`` over pixels with ``0 <= gt < n_classes``.
 
@@ -170,7 +159,7 @@ class ConfusionAccumulator:
 
     def all_reduce(self) -> ConfusionAccumulator:
         """Sum the histogram over ranks (call once, on every rank, before :meth:`compute`)."""
-        all_reduce_sum_(self.histogram)
+        sdist.all_reduce_sum(self.histogram)
         return self
 
     def reset(self) -> None:
