@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from compare.evaluate import (
     EvalOptions,
     LoadedMethod,
@@ -34,6 +32,7 @@ from compare.figure import figure_indices_for, save_comparison_figure
 from compare.measure import pin_mmap_threshold
 from compare.report import markdown_table, untrained_banner, write_reports
 from dinov2_patched import RANDOM_WEIGHTS_ID
+from shared import dist as sdist
 
 
 @dataclass
@@ -79,12 +78,6 @@ def weights_for(weights_id: str, cli_weights: str | None) -> str | None:
     return "none" if weights_id == RANDOM_WEIGHTS_ID else None
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _evaluate_group(key: tuple, methods: list[LoadedMethod], dataset: Any, settings: CompareSettings,
                     options: EvalOptions, figure_indices: list[int]) -> tuple[dict, dict[str, MethodResult], Any]:
     """Build one backbone and its feature caches, then score every method of the group."""
@@ -122,7 +115,7 @@ def run_comparison(settings: CompareSettings) -> ComparisonOutput:
     resolution = settings.resolution or default_resolution([k[0] for k in groups])
     dataset = build_dataset(settings.dataset, settings.split, data_root=settings.data_root, resolution=resolution)
     options = EvalOptions(n_classes=dataset.n_classes, extra_policy=settings.extra_policy, crf=settings.crf,
-                          batch_size=settings.batch_size, device=resolve_device(settings.device))
+                          batch_size=settings.batch_size, device=str(sdist.resolve_device(settings.device)))
     figure_indices = figure_indices_for(len(dataset), settings.figure_rows)
     by_path: dict[str, MethodResult] = {m.path: failed_result(m, m.error) for m in methods if m.segmenter is None}
     header_groups, labels = [], None
