@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from shared.dist import all_reduce_mean
 from shared.probes import ClusterProbe, LinearProbe
 from stego.config import StegoConfig
 from stego.losses import correspondence_loss
@@ -108,22 +109,19 @@ def step_losses(modules: nn.ModuleDict, head: nn.Module, feats: torch.Tensor, fe
     return total, logs
 
 
-def apply_gradients(total: torch.Tensor, modules: nn.ModuleDict, optimizers: dict[str, torch.optim.Optimizer],
-                    all_reduce_sum=None, world_size: int = 1) -> None:
+def apply_gradients(total: torch.Tensor, modules: nn.ModuleDict, optimizers: dict[str, torch.optim.Optimizer]) -> None:
     """Backward and one step of every optimizer.
 
-    The head's gradients are averaged by DDP; the probes are not wrapped, so their gradients are summed with
-    `all_reduce_sum` and divided by the world size here.
+    The head's gradients are averaged by DDP; the probes are not wrapped, so their gradients are averaged over
+    the ranks here (a no-op in a single process).
     """
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     total.backward()
-    if all_reduce_sum is not None and world_size > 1:
-        for name in ("linear_probe", "cluster_probe"):
-            for param in modules[name].parameters():
-                if param.grad is not None:
-                    all_reduce_sum(param.grad)
-                    param.grad /= world_size
+    for name in ("linear_probe", "cluster_probe"):
+        for param in modules[name].parameters():
+            if param.grad is not None:
+                all_reduce_mean(param.grad)
     for optimizer in optimizers.values():
         optimizer.step()
 

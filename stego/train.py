@@ -35,7 +35,7 @@ from shared.config import parse_args, save_resolved_config
 from shared.data import build_dataset
 from shared.data.feature_cache import FeatureCache
 from shared.data.knn import load_or_compute_knn
-from shared.dist import all_reduce_sum, barrier, distributed
+from shared.dist import barrier, distributed
 from shared.evaluation import evaluate_head
 from shared.logger import RunLogger
 from shared.run_guard import StopSignal, check_finite
@@ -176,7 +176,7 @@ def main(cfg: StegoConfig) -> dict:
                 modules.train()
                 total, logs = step_losses(modules, head, feats, feats_knn, labels, cfg)
                 check_finite(total, step)
-                apply_gradients(total, modules, optimizers, all_reduce_sum, ctx.world_size)
+                apply_gradients(total, modules, optimizers)
                 done = step + 1
                 if done % cfg.log_every == 0:
                     logger.scalars(done, {k: float(v) for k, v in logs.items()}, prefix="train")
