@@ -21,6 +21,7 @@ import torch
 from matplotlib.figure import Figure  # a bare Figure renders with Agg and never touches pyplot's global state
 
 from shared import dist as sdist
+from shared.atomic_io import atomic_path
 
 
 def _flatten(probs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +131,8 @@ def reliability_diagram(result: dict, path, title: str = "") -> None:
     ax.set_title(title or f"ECE {100 * result['ece']:.2f}%  NLL {result['nll']:.3f}")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, format="png")
 
 
 class UncertaintyAccumulator:
@@ -207,4 +209,5 @@ def plot_rejection_curve(result: dict, path, title: str = "") -> None:
     ax.set_title(title or f"error-detection AUROC {result['auroc']:.3f}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, format="png")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from shared.atomic_io import atomic_write_text
 from shared.backbone import build_backbone, snap_to_patch
 from shared.checkpoint import (
     gather_rng_states,
@@ -223,7 +224,7 @@ def finish(cfg: StegoConfig, modules, data: RunData, backbone, n_classes: int, r
         prediction_figure(run_dir / "figures" / "predictions.png", head_outputs(modules, cfg.alpha),
                           data.val.features, data.val_ds, scores["unsupervised"]["mapping"], cfg.n_figure_images,
                           cfg.dataset)
-        (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(run_dir / "final_metrics.json", json.dumps(summary, indent=2))
         logger.scalars(cfg.max_steps, {k: v for k, v in summary.items() if isinstance(v, float)}, prefix="final")
         logger.write("final: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if isinstance(v, float)))
         logger.write(f"exported {run_dir / 'export' / 'segmenter.pt'}")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines.kmeans.kmeans import cosine_kmeans
+from shared.atomic_io import atomic_write_text
 from shared.backbone import build_backbone, snap_to_patch
 from shared.config import parse_args, save_resolved_config
 from shared.data import build_dataset
@@ -140,7 +141,7 @@ def main(cfg: KMeansConfig) -> dict:
                 metrics["linear"] = {"acc": scores["linear"]["acc"], "miou": scores["linear"]["miou"]}
             print(f"{cfg.val_split}: unsupervised acc {metrics['unsupervised']['acc']:.1f} "
                   f"mIoU {metrics['unsupervised']['miou']:.1f} ({cfg.extra_policy} policy)")
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     print(f"exported {run_dir / 'export' / 'segmenter.pt'}")
     return metrics
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path, PurePosixPath
 
+from shared.atomic_io import atomic_write_text
 from shared.data.cocostuff import DEFAULT_LISTS
 from shared.data.prepare.common import extract_members, fail
 
@@ -37,9 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def write_curated_list(root: Path, ids: list[str], split: str, list_name: str | None) -> Path:
     path = root / "curated" / split / (list_name or DEFAULT_LISTS[split])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{i}\n" for i in ids))
-    return path
+    return atomic_write_text(path, "".join(f"{i}\n" for i in ids))
 
 
 def run(args: argparse.Namespace) -> None:

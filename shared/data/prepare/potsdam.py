@@ -15,6 +15,7 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
+from shared.atomic_io import atomic_write_text
 from shared.data.prepare.common import fail
 
 # ISPRS colour code -> class id: impervious surfaces, building, low vegetation, tree, car, clutter.
@@ -108,5 +109,5 @@ def run(args: argparse.Namespace) -> None:
         lists[split] += tiles
         lists["all"] += tiles
     for name, tiles in lists.items():
-        (root / f"{name}.txt").write_text("".join(f"{t}\n" for t in tiles))
+        atomic_write_text(root / f"{name}.txt", "".join(f"{t}\n" for t in tiles))
         print(f"{name}: {len(tiles)} tiles")
