@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shared.atomic_io import atomic_path
-
 
 def figure_size(rows: int, columns: int, panel: int) -> tuple[int, int]:
     """(width, height) in pixels of a figure with this many rows and columns of square `panel` panels."""
@@ -73,8 +71,7 @@ def save_comparison_figure(path: str | Path, dataset, labels: np.ndarray, figure
     rows = figure_rows(images, truth, columns, palette, panel)
     # The default font is about 6 pixels per character: longer titles would run into the next panel.
     titles = [t[: max(6, panel // 6)] for t in ["image", "ground truth", *[title for title, _, _ in columns]]]
-    with atomic_path(path, suffix=".tmp.png") as tmp:
-        save_grid(rows, tmp, titles=titles)
+    save_grid(rows, path, titles=titles)  # atomic
     return Path(path)
 
 

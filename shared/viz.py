@@ -16,6 +16,7 @@ import torch
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
+from shared.atomic_io import atomic_open
 from shared.data.transforms import denormalize_image
 
 # Official Cityscapes colours (cityscapesScripts labels.py) for the 27 classes, in label order id - 7.
@@ -134,7 +135,7 @@ def grid_size(n_rows: int, n_cols: int, cell: tuple[int, int], titled: bool, pad
 def save_grid(rows: Sequence[Sequence[np.ndarray | None]], path: str | os.PathLike,
               titles: Sequence[str] | Sequence[Sequence[str]] | None = None, pad: int = 4,
               title_h: int = 14) -> tuple[int, int]:
-    """Write a PNG grid of uint8 panels ((H, W, 3) or (H, W)); ``None`` leaves a cell blank.
+    """Write a PNG grid of uint8 panels ((H, W, 3) or (H, W)) atomically; ``None`` leaves a cell blank.
 
     Cells take the largest panel size; smaller panels are scaled with nearest neighbour (label maps stay crisp).
     ``titles`` is one list for the columns (drawn above every row) or one list per row. Returns (width, height).
@@ -161,5 +162,6 @@ def save_grid(rows: Sequence[Sequence[np.ndarray | None]], path: str | os.PathLi
             if img.size != (cell[1], cell[0]):
                 img = img.resize((cell[1], cell[0]), Image.NEAREST)
             canvas.paste(img, (left, top + (title_h if titled else 0)))
-    canvas.save(path, format="PNG")
+    with atomic_open(path, "wb") as f:
+        canvas.save(f, format="PNG")
     return width, height
