@@ -2,6 +2,10 @@
 
 backbone = build_backbone("dinov2_vits14")           # official weights, bf16 where the hardware has it
 features = backbone(images)                          # (B, 384, H/14, W/14) float32
+keys = backbone.with_features({"kind": "keys", "blocks": [-3, -2, -1]})   # same model, other features
+keys(images)                                         # (B, 3 * 384, H/14, W/14)
+
+What a featurizer returns is fixed by its feature descriptor (`shared.features`); the feature cache keys on it.
 """
 
 import os
@@ -12,6 +16,7 @@ from torch import nn
 
 from dinov2_patched import RANDOM_WEIGHTS_ID, VisionTransformer, build_model
 from shared import dist as sdist
+from shared.features import canonical_descriptor, feature_dim
 
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -63,23 +68,38 @@ class FrozenBackbone(nn.Module):
 
     Takes ownership of `model`: it is frozen in place, and when bf16 is used its Linear/Conv weights are
     stored in bf16 (see `store_matmul_weights_in_bf16`), so do not keep using the model outside.
-    Attributes: name, patch_size, feature_dim, layer (block index, negative counts from the end),
-    weights_id, pretrained (real weights loaded), use_bf16 (bf16 autocast on).
+    `features` is the feature descriptor (default: normed patch tokens of the last block); `layer` is the
+    older shorthand for ``{"kind": "tokens", "layer": layer}``.
+    Attributes: name, patch_size, feature_dim (channels of what `forward` returns), descriptor, layer (block of
+    a tokens descriptor, else None), weights_id, pretrained (real weights loaded), use_bf16 (bf16 autocast on).
     """
 
-    def __init__(self, model: VisionTransformer, *, layer: int = -1, force_float32: bool = False) -> None:
+    def __init__(self, model: VisionTransformer, *, features: dict | None = None, layer: int | None = None,
+                 force_float32: bool = False) -> None:
         super().__init__()
-        model.block_indices([layer])  # ValueError for a layer the model does not have
+        if features is None:
+            features = {"kind": "tokens", "layer": -1 if layer is None else layer}
+        elif layer is not None:
+            raise ValueError("pass either features= or layer=, not both")
+        self.descriptor = canonical_descriptor(features, n_blocks=model.n_blocks)
+        blocks = [self.descriptor["layer"]] if self.descriptor["kind"] == "tokens" else self.descriptor["blocks"]
+        model.block_indices(blocks)  # ValueError for a block the model does not have
         self.model = model.eval().requires_grad_(False)
         self.name = model.model_name
         self.patch_size = model.patch_size
-        self.feature_dim = model.embed_dim
-        self.layer = layer
+        self.embed_dim = model.embed_dim
+        self.feature_dim = feature_dim(self.descriptor, model.embed_dim)
+        self.layer = self.descriptor.get("layer")
         self.weights_id = model.weights_id
         self.pretrained = model.weights_id != RANDOM_WEIGHTS_ID
+        self.force_float32 = force_float32
         self.use_bf16 = not force_float32 and bf16_supported(self.device)
         if self.use_bf16:
             store_matmul_weights_in_bf16(self.model)
+
+    def with_features(self, features: dict) -> "FrozenBackbone":
+        """A featurizer for another descriptor over the same (shared, already frozen) model."""
+        return FrozenBackbone(self.model, features=features, force_float32=self.force_float32)
 
     @property
     def device(self) -> torch.device:
@@ -97,24 +117,38 @@ class FrozenBackbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """ImageNet-normalised images (B, 3, H, W) -> normed patch tokens of block `layer` (B, C, H/p, W/p)."""
+        """ImageNet-normalised images (B, 3, H, W) -> the descriptor's features (B, feature_dim, H/p, W/p)."""
+        if self.descriptor["kind"] == "keys":
+            return self.keys(images, tuple(self.descriptor["blocks"]))
         with self._autocast():
             (features,) = self.model.get_intermediate_layers(images, n=[self.layer], reshape=True, norm=True)
         return features.float()
 
     @torch.no_grad()
     def keys(self, images: torch.Tensor, blocks: tuple[int, ...] = (-3, -2, -1)) -> torch.Tensor:
-        """Attention keys of `blocks`, heads merged, patches only: (B, len(blocks) * C, H/p, W/p)."""
+        """Attention keys of `blocks`, heads merged, patches only: (B, len(blocks) * C, H/p, W/p).
+
+        The keys are read from each block's `qkv` projection with a forward hook, so every block keeps its
+        fused attention kernel and no (T, T) attention matrix is ever materialised.
+        """
         grid_h, grid_w = self._grid(images)
         first_patch = 1 + self.model.num_register_tokens
-        with self._autocast():
-            maps = self.model.get_block_qkv(images, blocks)
+        indices = [b % self.model.n_blocks for b in blocks]
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [self.model.blocks[i].attn.qkv.register_forward_hook(
+            lambda _m, _inp, out, i=i: captured.__setitem__(i, out)) for i in sorted(set(indices))]
+        try:
+            with self._autocast():
+                self.model.get_intermediate_layers(images, n=[max(indices)], norm=False)  # stops after that block
+        finally:
+            for hook in hooks:
+                hook.remove()
         merged = []
-        for block_maps in maps:
-            keys = block_maps.k[:, :, first_patch:]  # (B, heads, N, hd)
-            batch, heads, tokens, head_dim = keys.shape
-            keys = keys.permute(0, 1, 3, 2).reshape(batch, heads * head_dim, grid_h, grid_w)  # (B, C, h, w)
-            merged.append(keys.float())
+        for i in indices:
+            qkv = captured[i]  # (B, T, 3 * C): q, k, v each laid out as (heads, head_dim)
+            batch, _, three_c = qkv.shape
+            keys = qkv[:, first_patch:, three_c // 3: 2 * three_c // 3]  # (B, N, C), heads merged
+            merged.append(keys.float().transpose(1, 2).reshape(batch, three_c // 3, grid_h, grid_w))
         return torch.cat(merged, dim=1)
 
     @torch.no_grad()
@@ -129,15 +163,18 @@ def build_backbone(
     name: str,
     weights: str | os.PathLike | None = None,
     *,
-    layer: int = -1,
+    features: dict | None = None,
+    layer: int | None = None,
     force_float32: bool = False,
     device: str | torch.device = "cpu",
 ) -> FrozenBackbone:
     """Frozen backbone `name` (a dinov2_patched.MODEL_NAMES entry); `weights` as in dinov2_patched.build_model.
 
+    features: the feature descriptor (default: last block's tokens); layer: shorthand for a tokens descriptor.
     device: "auto", "cpu", "cuda" or "cuda:N", resolved by `shared.dist.resolve_device` (so "auto" and "cuda"
     mean this rank's GPU under torchrun). force_float32 turns bf16 autocast off.
     """
     target = sdist.resolve_device(device, sdist.get_local_rank())  # a bad device fails before any download
+    canonical_descriptor(features)  # a malformed descriptor fails before any download
     model = build_model(name, weights).to(target)
-    return FrozenBackbone(model, layer=layer, force_float32=force_float32)
+    return FrozenBackbone(model, features=features, layer=layer, force_float32=force_float32)

@@ -1,205 +1,289 @@
-"""Exported segmenters: a method-agnostic head description plus a state dict, and the module that runs it.
+"""Exported segmenters: a method's evaluation head as a `torch.export` program plus its metadata.
 
-File format (a plain dict, loadable with ``torch.load(weights_only=True)``)::
+Every trainer writes ``export/segmenter.pt2`` with :func:`save`; everything that consumes a trained method
+(`compare`, `predict`, a method trained on another's pseudo-labels) reads it with :func:`load`, which knows
+nothing about the method's layers.
 
-    {"format": "uss-segmenter", "version": 1,
-     "metadata": {method, backbone, backbone_weights_id, pretrained_backbone, feature_layer, resolution,
-                  n_classes, n_clusters, code_dim, dataset, probabilistic, ...},
-     "head": {"code_branches": [[op, ...], ...], "cluster": {"alpha": a, "normalize": True}, "linear": bool},
-     "state_dict": {key: tensor, ...}}
+Contract of the program (dynamic batch, height and width)::
 
-``code = sum of branches(features)``; each branch is a list of ops applied in order (see ``OPS``). The cluster
-centres live at ``state_dict["cluster.centres"]`` (K', D) and the linear probe at ``linear.weight`` (K, D, 1, 1)
-/ ``linear.bias`` (K,). Extending the format: a later method adds a new *optional* head entry (e.g. an op list
-producing a "variance" output) and the loader grows one branch for it; the loader rejects head entries it
-does not know, so an old toolkit never silently drops an output it cannot compute.
+    features (B, C, h, w), as the metadata's feature descriptor produces them (C = metadata["feature_dim"])
+    -> {"code": (B, D, h, w), "cluster_logits": (B, K', h, w),
+        optional "linear_logits": (B, K, h, w), "variance": (B, h, w), "smoothed_logits": (B, K', h, w)}
+
+with D = code_dim, K' = n_clusters, K = n_classes. The metadata (a JSON extra file of the archive) holds at
+least the keys of ``REQUIRED_METADATA``.
+
+Loading runs no code from the file: `torch.export.load` falls back to an unrestricted unpickler when the
+restricted load of a pickled member fails, so :func:`load` first reads the archive into memory, opens every
+pickled member with the restricted (``weights_only``) loader and refuses the file if any fails or if it holds
+custom objects, and only then hands the same bytes to `torch.export.load`.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.export import Dim
 
-from shared.atomic_io import atomic_open
+from shared.atomic_io import atomic_path
+from shared.features import DescriptorError, canonical_descriptor
 
 FORMAT = "uss-segmenter"
-VERSION = 1
-REQUIRED_METADATA = ("method", "backbone", "backbone_weights_id", "pretrained_backbone", "feature_layer",
-                     "resolution", "n_classes", "n_clusters", "code_dim", "dataset", "probabilistic")
-HEAD_KEYS = ("code_branches", "cluster", "linear")
-# op name -> keys of state_dict tensors it needs (optional ones may be None)
-OPS = {
-    "conv1x1": ("weight",), "relu": (), "silu": (), "identity": (), "l2norm": (),
-    "batchnorm": ("weight", "bias", "running_mean", "running_var"),
-}
+VERSION = 2
+FILENAME = "segmenter.pt2"
+METADATA_FILE = "metadata.json"
+REQUIRED_METADATA = ("method", "backbone", "backbone_weights_id", "pretrained_backbone", "features", "feature_dim",
+                     "resolution", "n_classes", "n_clusters", "code_dim", "dataset", "probabilistic", "selected_by")
+REQUIRED_OUTPUTS = ("code", "cluster_logits")
+OPTIONAL_OUTPUTS = ("linear_logits", "variance", "smoothed_logits")
+PROBE_SHAPE = (2, 5, 6)  # (B, h, w) of the input load() checks the output contract on
+TOLERANCE = 1e-5
 
 
 class SegmenterFormatError(ValueError):
-    """An exported segmenter file is missing something or was written by an incompatible version."""
-
-
-class L2Norm(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1)
-
-
-def _tensor(state: dict, key: str | None, where: str, path: str) -> torch.Tensor | None:
-    if key is None:
-        return None
-    if key not in state:
-        raise SegmenterFormatError(f"{path}: {where} refers to state_dict key {key!r}, which is missing; "
-                                   "re-export the segmenter.")
-    return state[key]
-
-
-def _build_op(op: dict, state: dict, where: str, path: str) -> nn.Module:
-    """One op description -> an nn.Module holding copies of its tensors."""
-    name = op.get("op") if isinstance(op, dict) else None
-    if name not in OPS:
-        raise SegmenterFormatError(f"{path}: {where} has unknown op {name!r}; known ops are {sorted(OPS)}.")
-    if name == "conv1x1":
-        weight = _tensor(state, op.get("weight"), where, path)
-        if weight is None:
-            raise SegmenterFormatError(f"{path}: {where} (conv1x1) has no 'weight' key.")
-        weight = weight.reshape(weight.shape[0], weight.shape[1], 1, 1)
-        bias = _tensor(state, op.get("bias"), where, path)
-        conv = nn.Conv2d(weight.shape[1], weight.shape[0], kernel_size=1, bias=bias is not None)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            if bias is not None:
-                conv.bias.copy_(bias)
-        return conv
-    if name == "batchnorm":
-        tensors = {k: _tensor(state, op.get(k), where, path) for k in OPS["batchnorm"]}
-        missing = [k for k, v in tensors.items() if v is None]
-        if missing:
-            raise SegmenterFormatError(f"{path}: {where} (batchnorm) lacks {missing}.")
-        bn = nn.BatchNorm2d(tensors["weight"].shape[0], eps=float(op.get("eps", 1e-5)))
-        with torch.no_grad():
-            for k, v in tensors.items():
-                getattr(bn, k).copy_(v)
-        return bn
-    return {"relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity, "l2norm": L2Norm}[name]()
+    """An exported segmenter file is unreadable, unsafe, or breaks the output contract."""
 
 
 class Segmenter(nn.Module):
-    """features (B, C, h, w) -> {"code": (B, D, h, w), "cluster_logits": (B, K', h, w),
-    "linear_logits": (B, K, h, w) or None}. Built by :func:`load`; ``metadata`` is the exported dict."""
+    """A loaded program: ``segmenter(features) -> dict`` of the contract; ``metadata`` is the exported dict."""
 
-    def __init__(self, branches: list[nn.Sequential], centres: torch.Tensor, alpha: float, normalize: bool,
-                 linear: nn.Conv2d | None, metadata: dict) -> None:
+    def __init__(self, program: nn.Module, metadata: dict, path: str = "") -> None:
         super().__init__()
-        self.branches = nn.ModuleList(branches)
-        self.register_buffer("centres", centres.detach().clone())
-        self.alpha = float(alpha)
-        self.normalize = bool(normalize)
-        self.linear = linear
+        self.program = program
         self.metadata = dict(metadata)
+        self.path = path
 
-    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        code = sum(branch(features) for branch in self.branches)
-        if self.normalize:
-            inner = torch.einsum("bdhw,kd->bkhw", F.normalize(code, dim=1), F.normalize(self.centres, dim=1))
-        else:
-            inner = torch.einsum("bdhw,kd->bkhw", code, self.centres)
-        linear_logits = self.linear(code) if self.linear is not None else None
-        return {"code": code, "cluster_logits": self.alpha * inner, "linear_logits": linear_logits}
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(self.program(features))
 
-
-def _check_shape(tensor: torch.Tensor, shape: tuple[int, ...], key: str, path: str) -> None:
-    if tuple(tensor.shape) != shape:
-        raise SegmenterFormatError(f"{path}: state_dict[{key!r}] has shape {tuple(tensor.shape)} but the metadata "
-                                   f"(n_classes, n_clusters, code_dim) asks for {shape}; re-export the segmenter.")
+    def train(self, mode: bool = True) -> Segmenter:
+        """A no-op: an exported program has no training mode (its graph was traced in eval mode), and the
+        program module refuses `train()`, so `eval()` and `train()` only set this wrapper's flag."""
+        self.training = False
+        return self
 
 
-def _build(head: dict, state: dict, metadata: dict, path: str) -> Segmenter:
-    """Check the head against the state dict and metadata, and build the module (save uses it to fail early)."""
-    code_branches, cluster = head["code_branches"], head["cluster"]
-    if not isinstance(code_branches, list) or not code_branches:
-        raise SegmenterFormatError(f"{path}: head.code_branches must be a non-empty list of op lists.")
-    if not isinstance(cluster, dict):
-        raise SegmenterFormatError(f"{path}: head.cluster must be a dict with 'alpha' and 'normalize'.")
-    branches = [nn.Sequential(*[_build_op(op, state, f"head.code_branches[{b}][{o}]", path)
-                                for o, op in enumerate(branch)])
-                for b, branch in enumerate(code_branches)]
-    code_dim = int(metadata["code_dim"])
-    centres = _tensor(state, "cluster.centres", "head.cluster", path)
-    _check_shape(centres, (int(metadata["n_clusters"]), code_dim), "cluster.centres", path)
-    linear = None
-    if head["linear"]:
-        linear = _build_op({"op": "conv1x1", "weight": "linear.weight",
-                            "bias": "linear.bias" if "linear.bias" in state else None}, state, "head.linear", path)
-        _check_shape(linear.weight, (int(metadata["n_classes"]), code_dim, 1, 1), "linear.weight", path)
-    return Segmenter(branches, centres, alpha=cluster.get("alpha", 2.0), normalize=cluster.get("normalize", True),
-                     linear=linear, metadata=metadata)
+# ----------------------------------------------------------------------------------------------- checks
 
 
-def save_segmenter(path: str | os.PathLike, *, code_branches: list[list[dict]], state_dict: dict[str, torch.Tensor],
-                   cluster_centres: torch.Tensor, alpha: float, linear_weight: torch.Tensor | None = None,
-                   linear_bias: torch.Tensor | None = None, metadata: dict) -> Path:
-    """Write an exported segmenter atomically (temporary file in the same folder, then ``os.replace``).
-
-    ``state_dict`` holds the tensors the ops refer to; ``cluster_centres`` (K', D); ``linear_weight``
-    (K, D) or (K, D, 1, 1). Validates everything :func:`load` checks, so a bad export fails here.
-    """
-    path = Path(path)
+def check_metadata(metadata: Any, where: str) -> dict:
+    """The metadata with its descriptor made canonical; SegmenterFormatError naming the missing or bad key."""
+    if not isinstance(metadata, dict):
+        raise SegmenterFormatError(f"{where}: the metadata is not a JSON object; re-export the segmenter.")
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
-        raise SegmenterFormatError(f"{path}: metadata lacks {missing}; every export needs {list(REQUIRED_METADATA)}.")
-    state = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
-    state["cluster.centres"] = cluster_centres.detach().cpu().clone()
-    if linear_weight is not None:
-        state["linear.weight"] = linear_weight.detach().cpu().reshape(linear_weight.shape[0], -1, 1, 1).clone()
-        if linear_bias is not None:
-            state["linear.bias"] = linear_bias.detach().cpu().clone()
-    blob = {
-        "format": FORMAT, "version": VERSION, "metadata": dict(metadata),
-        "head": {"code_branches": code_branches, "cluster": {"alpha": float(alpha), "normalize": True},
-                 "linear": linear_weight is not None},
-        "state_dict": state,
-    }
-    _build(blob["head"], state, blob["metadata"], str(path))
-    with atomic_open(path, "wb") as f:
-        torch.save(blob, f)
+        raise SegmenterFormatError(f"{where}: metadata lacks {missing}; every export needs {list(REQUIRED_METADATA)} "
+                                   "(re-export it with this toolkit).")
+    try:
+        features = canonical_descriptor(metadata["features"])
+    except DescriptorError as error:
+        raise SegmenterFormatError(f"{where}: metadata key 'features': {error}") from None
+    for key in ("feature_dim", "resolution", "n_classes", "n_clusters", "code_dim"):
+        value = metadata[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SegmenterFormatError(f"{where}: metadata key {key!r} must be a positive integer, got {value!r}.")
+    return {**metadata, "features": features}
+
+
+def check_outputs(outputs: Any, metadata: dict, batch: int, height: int, width: int, where: str) -> None:
+    """SegmenterFormatError unless ``outputs`` follows the contract for an input of (batch, C, height, width)."""
+    if not isinstance(outputs, dict):
+        raise SegmenterFormatError(f"{where}: the program returns a {type(outputs).__name__}, not a dict of outputs; "
+                                   "the head's forward must return {'code': ..., 'cluster_logits': ...}.")
+    missing = [k for k in REQUIRED_OUTPUTS if k not in outputs]
+    unknown = sorted(set(outputs) - set(REQUIRED_OUTPUTS) - set(OPTIONAL_OUTPUTS))
+    if missing or unknown:
+        what = f"lacks {missing}" if missing else f"has unknown outputs {unknown}"
+        raise SegmenterFormatError(f"{where}: the program's output {what}; the contract is {list(REQUIRED_OUTPUTS)} "
+                                   f"plus optionally {list(OPTIONAL_OUTPUTS)}.")
+    channels = {"code": metadata["code_dim"], "cluster_logits": metadata["n_clusters"],
+                "linear_logits": metadata["n_classes"], "smoothed_logits": metadata["n_clusters"]}
+    for key, value in outputs.items():
+        expected = (batch, height, width) if key == "variance" else (batch, channels[key], height, width)
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        if shape != expected:
+            raise SegmenterFormatError(f"{where}: output {key!r} has shape {shape} for input features of "
+                                       f"(B, h, w) = {(batch, height, width)}, but the contract and the metadata "
+                                       f"ask for {expected}; fix the head or its metadata and re-export.")
+
+
+def _check_equal(reference: dict, other: dict, where: str) -> None:
+    for key, value in reference.items():
+        diff = (value.float() - other[key].float()).abs()
+        scale = max(1.0, float(value.float().abs().max()))
+        if not torch.isfinite(diff).all() or float(diff.max()) > TOLERANCE * scale:
+            raise SegmenterFormatError(f"{where}: the reloaded program's {key!r} differs from the in-memory head by "
+                                       f"{float(diff.max()):.3g}; the head is not exportable as it is (data-dependent "
+                                       "Python control flow?).")
+
+
+# ----------------------------------------------------------------------------------------------- save
+
+
+def _probe_features(example: torch.Tensor) -> torch.Tensor:
+    """A second input of another batch and spatial size: catches a program that specialised on the example."""
+    b, c, h, w = example.shape
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(b + 1, c, h + 1, w + 2, generator=generator, dtype=example.dtype).to(example.device)
+
+
+def save(path: str | os.PathLike, head: nn.Module, example_features: torch.Tensor, metadata: dict) -> Path:
+    """Export ``head`` (eval mode) as a program with dynamic batch, height and width, check it, write it atomically.
+
+    example_features: (B >= 2, C, h >= 2, w >= 2) features as the descriptor produces them (avoid B, h or w of
+    1, which `torch.export` specialises). The reloaded program must equal ``head`` to 1e-5 on the example and
+    on an input of another size, before the file is renamed into place. Returns the path.
+    """
+    path = Path(path)
+    where = str(path)
+    b, c, h, w = example_features.shape
+    metadata = check_metadata({"format": FORMAT, "version": VERSION, **metadata, "feature_dim": int(c)}, where)
+    head = head.eval()
+    example_features = example_features.detach()
+    probe = _probe_features(example_features)
+    with torch.no_grad():
+        expected = {k: v.detach().clone() for k, v in dict(head(example_features)).items()}
+        expected_probe = {k: v.detach().clone() for k, v in dict(head(probe)).items()}
+    check_outputs(expected, metadata, b, h, w, where)
+    check_outputs(expected_probe, metadata, *probe.shape[:1], *probe.shape[2:], where)
+    dims = {0: Dim("batch", min=1), 2: Dim("height", min=1), 3: Dim("width", min=1)}
+    with torch.no_grad():
+        program = torch.export.export(head, (example_features,), dynamic_shapes={"features": dims}, strict=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".tmp.pt2") as tmp:
+        torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(metadata, sort_keys=True)})
+        reloaded = load(tmp)
+        with torch.no_grad():
+            _check_equal(expected, reloaded(example_features), where)
+            _check_equal(expected_probe, reloaded(probe), where)
     return path
 
 
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"No exported segmenter at {path}; train a method first (it writes "
-                                "export/segmenter.pt) or pass the right path.")
+# ----------------------------------------------------------------------------------------------- load
+
+
+def _restricted_load(data: bytes, member: str, where: str) -> None:
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, pickle with non-tensor objects, ...
-        raise SegmenterFormatError(f"{path} is not a readable segmenter file ({type(e).__name__}: {e}).") from e
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise SegmenterFormatError(f"{path} is not an exported segmenter (format is not {FORMAT!r}); pass the "
-                                   "export/segmenter.pt a trainer wrote (a training checkpoint is not one).")
-    if blob.get("version") != VERSION:
-        raise SegmenterFormatError(f"{path} has segmenter format version {blob.get('version')!r}; this toolkit "
-                                   f"reads version {VERSION}. Re-export it with this toolkit.")
-    for key in ("metadata", "head", "state_dict"):
-        if not isinstance(blob.get(key), dict):
-            raise SegmenterFormatError(f"{path}: missing or malformed top-level key {key!r}; re-export the segmenter.")
-    missing = [k for k in REQUIRED_METADATA if k not in blob["metadata"]]
-    if missing:
-        raise SegmenterFormatError(f"{path}: metadata lacks {missing}; re-export the segmenter.")
-    unknown = sorted(set(blob["head"]) - set(HEAD_KEYS))
-    if unknown:
-        raise SegmenterFormatError(f"{path}: head has entries {unknown} that this toolkit cannot run; update it.")
-    for key in HEAD_KEYS:
-        if key not in blob["head"]:
-            raise SegmenterFormatError(f"{path}: head lacks {key!r}; re-export the segmenter.")
-    return blob
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure means the member is not plain tensors
+        raise SegmenterFormatError(f"{where}: archive member {member} is a pickle that the safe loader refuses "
+                                   f"({type(error).__name__}); the file may be crafted to run code, so it is not "
+                                   "loaded. Re-export the segmenter with this toolkit.") from None
+
+
+def _looks_pickled(data: bytes) -> bool:
+    """A raw pickle (protocol 2+ starts with 0x80) or a torch.save zip."""
+    return data[:1] == b"\x80" or data[:2] == b"PK"
+
+
+def _raw_payloads(archive: zipfile.ZipFile, names: list[str], where: str) -> set[str]:
+    """Members that the weights/constants configs declare as raw tensor bytes (never unpickled)."""
+    raw: set[str] = set()
+    for config_name in [n for n in names if n.endswith(("weights/model_weights_config.json",
+                                                         "constants/model_constants_config.json"))]:
+        folder = config_name.rsplit("/", 1)[0]
+        try:
+            config = json.loads(archive.read(config_name))["config"]
+        except (ValueError, KeyError, TypeError):
+            raise SegmenterFormatError(f"{where}: {config_name} is not a valid payload config; re-export.") from None
+        for fqn, entry in config.items():
+            file = str(entry.get("path_name", ""))
+            if not file.startswith(("weight_", "tensor_")):
+                raise SegmenterFormatError(f"{where}: the program holds a custom object {fqn!r} ({file}), which "
+                                           "cannot be loaded without running code; export plain tensors only.")
+            if not entry.get("use_pickle", False):
+                raw.add(f"{folder}/{file}")
+    return raw
+
+
+def _check_archive(blob: bytes, where: str) -> None:
+    """Refuse anything but a current `torch.export` archive whose every pickled member is plain tensors."""
+    if not zipfile.is_zipfile(io.BytesIO(blob)):
+        raise SegmenterFormatError(f"{where} is not an exported program (not a .pt2 zip archive); pass the "
+                                   f"export/{FILENAME} a trainer wrote.")
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        names = archive.namelist()
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            raise SegmenterFormatError(
+                f"{where} is a torch.save file (a version-1 segmenter.pt or a checkpoint), not an exported program; "
+                "this toolkit reads segmenter.pt2 only: re-export by resuming the run that made it "
+                "(python -m <method>.train --config <run dir>/config.yaml --resume auto).")
+        if not any(n.endswith("/models/model.json") for n in names):
+            raise SegmenterFormatError(f"{where} is a zip archive without an exported program "
+                                       "(no models/model.json); pass a segmenter.pt2 written by this toolkit.")
+        raw = _raw_payloads(archive, names, where)
+        for name in names:
+            if name in raw or name.endswith(("/", ".json")):  # raw tensor bytes, folders, JSON: never unpickled
+                continue
+            data = archive.read(name)
+            if name.endswith(".pt") or "/data/weights/" in name or "/data/constants/" in name or _looks_pickled(data):
+                _restricted_load(data, name, where)
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a segmenter file without building its program (after the same safety checks)."""
+    return _read(Path(path))[1]
+
+
+def _read(path: Path) -> tuple[bytes, dict]:
+    where = str(path)
+    if path.is_dir():
+        raise SegmenterFormatError(f"{where} is a folder; pass a run directory's export/{FILENAME}, or the run "
+                                   "directory through compare/predict, which find the file themselves.")
+    if not path.is_file():
+        raise FileNotFoundError(f"No exported segmenter at {where}; train a method first (it writes "
+                                f"export/{FILENAME}) or pass the right path.")
+    blob = path.read_bytes()  # read once: what is checked is exactly what is loaded
+    _check_archive(blob, where)
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        meta_names = [n for n in archive.namelist() if n.endswith(f"/extra/{METADATA_FILE}")]
+        if not meta_names:
+            raise SegmenterFormatError(f"{where}: the archive has no {METADATA_FILE}; it was not written by "
+                                       "shared.segmenter.save, so re-export it.")
+        try:
+            metadata = json.loads(archive.read(meta_names[0]))
+        except ValueError:
+            raise SegmenterFormatError(f"{where}: {METADATA_FILE} is not valid JSON; re-export it.") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
+        found = (metadata.get("format"), metadata.get("version")) if isinstance(metadata, dict) else metadata
+        raise SegmenterFormatError(f"{where}: metadata format/version is {found}, this toolkit reads "
+                                   f"({FORMAT!r}, {VERSION}); re-export the segmenter with this toolkit.")
+    return blob, check_metadata(metadata, where)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Segmenter:
-    """Read and validate an exported segmenter; returns a :class:`Segmenter` in eval mode on ``map_location``."""
+    """Read, check and build an exported segmenter on ``map_location``; the output contract is checked on a
+    small probe input. Raises FileNotFoundError or SegmenterFormatError (one sentence naming the file)."""
     path = Path(path)
-    blob = _read(path)
-    seg = _build(blob["head"], blob["state_dict"], blob["metadata"], str(path))
-    return seg.to(map_location).eval().requires_grad_(False)
+    blob, metadata = _read(path)
+    where = str(path)
+    try:
+        program = torch.export.load(io.BytesIO(blob))
+    except Exception as error:  # noqa: BLE001 - a damaged archive: one sentence, not torch's traceback
+        raise SegmenterFormatError(f"{where}: torch.export could not read the program ({type(error).__name__}: "
+                                   f"{str(error).splitlines()[0] if str(error) else ''}); re-export it.") from None
+    device = torch.device(map_location)
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    segmenter = Segmenter(program.module(), metadata, where)
+    b, h, w = PROBE_SHAPE
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(b, metadata["feature_dim"], h, w, generator=generator).to(device)
+    try:
+        with torch.no_grad():
+            outputs = segmenter(probe)
+    except Exception as error:  # noqa: BLE001 - wrong input channels, shape guards, ...
+        raise SegmenterFormatError(f"{where}: the program fails on features of shape {tuple(probe.shape)} "
+                                   f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                                   "re-export it.") from None
+    check_outputs(outputs, metadata, b, h, w, where)
+    return segmenter.eval()

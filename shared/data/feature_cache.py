@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from shared import dist as sdist
+from shared.features import canonical_descriptor, descriptor_id
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by the feature descriptor instead of a block index
 FEATURES_FILE, LABELS_FILE, META_FILE = "features.f16", "labels.i16", "meta.json"
 
 
@@ -52,7 +53,7 @@ def key_fields(backbone, dataset, *, flip: bool) -> dict:
         "format": CACHE_FORMAT,
         "backbone": str(backbone.name),
         "weights_id": str(backbone.weights_id),
-        "layer": int(backbone.layer),
+        "features": canonical_descriptor(backbone.descriptor),
         "use_bf16": bool(getattr(backbone, "use_bf16", False)),
         "dataset": dataset.cache_id,
         "flip": bool(flip),
@@ -61,10 +62,11 @@ def key_fields(backbone, dataset, *, flip: bool) -> dict:
 
 
 def cache_key(backbone, dataset, *, flip: bool = False) -> str:
-    """Readable prefix plus a hash of `key_fields`, e.g. `dinov2_vits14-camvid_sample-train-noflip-<16 hex>`."""
+    """Readable prefix plus a hash of `key_fields`, e.g. `dinov2_vits14-tokens-L-1-camvid_sample-train-noflip-<16 hex>`."""
     fields = key_fields(backbone, dataset, flip=flip)
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-    prefix = f"{backbone.name}-{dataset.name}-{dataset.split}-{'flip' if flip else 'noflip'}".replace("/", "_")
+    parts = [backbone.name, descriptor_id(backbone.descriptor), dataset.name, dataset.split, "flip" if flip else "noflip"]
+    prefix = "-".join(parts).replace("/", "_")
     return f"{prefix}-{digest}"
 
 
@@ -213,7 +215,7 @@ class FeatureCache:
             "features_shape": list(features.shape), "labels_shape": list(labels.shape) if labels is not None else None,
             "n_images": n, "resolution": res, "flip": bool(flip), "dataset": dataset.name, "split": dataset.split,
             "n_classes": dataset.n_classes, "class_names": list(dataset.class_names),
-            "backbone": backbone.name, "weights_id": backbone.weights_id, "layer": backbone.layer,
+            "backbone": backbone.name, "weights_id": backbone.weights_id, "features": backbone.descriptor,
             "patch_size": getattr(backbone, "patch_size", None), "build_seconds": round(seconds, 3),
             "images_per_s": round(n / max(seconds, 1e-9), 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }  # fmt: skip

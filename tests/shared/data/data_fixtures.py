@@ -69,6 +69,7 @@ class FakeBackbone(torch.nn.Module):
     def __init__(self, patch_size: int = 8, dim: int = 6, weights_id: str = "fake-w0", layer: int = -1) -> None:
         super().__init__()
         self.name, self.weights_id, self.layer = "fake_vit", weights_id, layer
+        self.descriptor = {"kind": "tokens", "layer": layer}
         self.patch_size, self.feature_dim, self.use_bf16, self.pretrained = patch_size, dim, False, False
         gen = torch.Generator().manual_seed(0)
         self.proj = torch.nn.Conv2d(3, dim, patch_size, stride=patch_size)
