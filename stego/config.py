@@ -4,33 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.run_config import RunConfig
 from stego.losses import CorrespondenceWeights
 
 
 @dataclass
-class StegoConfig:
-    # Common trainer fields.
-    name: str = "default"
-    output_root: str = "runs"
-    seed: int = 0
-    deterministic: bool = False
-    resume: str = ""  # "" | "auto" | path to a checkpoint
-    device: str = "auto"
-    data_root: str = ""  # "" -> $USS_DATA or ./data
-
-    # Data and backbone.
-    dataset: str = "cocostuff27"
-    train_split: str = "train"
-    val_split: str = "val"
-    five_crop: bool = True  # train on the five-crop set, as the paper does
-    resolution: int = 224  # training view
-    val_resolution: int = 320  # rounded to a multiple of the patch size (322 for /14 backbones)
-    backbone: str = "dinov2_vits14"
-    backbone_weights: str = ""  # "" = official weights, "none" = random init, else a path
-    feature_layer: int = -1
-    force_float32: bool = False  # disable bf16 autocast in the backbone
+class StegoConfig(RunConfig):
+    # Data (beyond the common keys).
     use_cache: bool = True  # False = recompute the backbone on images every step
-    cache_dir: str = "cache/features"
     nns_dir: str = "cache/nns"
 
     # Head.
@@ -63,15 +44,9 @@ class StegoConfig:
     # (56x56, still 3.5x the 16x16 feature grid); the probe is a diagnostic that never moves the head. 1 = original.
     linear_label_stride: int = 4
 
-    # Probes and evaluation.
+    # Probes.
     n_extra_clusters: int = 0
-    extra_policy: str = "error"  # "error" | "majority" | "drop" | "stego" (the original's: drop extra-cluster pixels)
     alpha: float = 2.0  # softmax temperature of the cluster probe at evaluation
-    val_every: int = 100
-    val_batch_size: int = 16
-    crf_at_end: bool = True
-    log_every: int = 10
-    n_figure_images: int = 4
 
     def loss_weights(self) -> CorrespondenceWeights:
         """The λ and b values as the loss function's argument."""

@@ -23,7 +23,6 @@ import torch
 
 from dinov2_patched import model_spec, weights_fingerprint
 from dinov2_patched.weights import cache_dir
-from stego.export import segmenter_metadata
 from stego.model import StegoHead
 
 LINEAR = ("net.cluster1.0.weight", "net.cluster1.0.bias")
@@ -135,8 +134,12 @@ def backbone_weights_id(backbone: str, weights_path: str | None, weights_id: str
 def convert(ckpt: str | Path, out: str | Path, *, backbone: str, dataset: str = "unknown", resolution: int = 320,
             alpha: float = 2.0, feature_layer: int = -1, backbone_weights: str | None = None,
             weights_id: str | None = None) -> Path:
-    """Write the official checkpoint `ckpt` as our exported segmenter `out`; returns `out`."""
-    from shared.segmenter import save_segmenter  # local: keeps `python -m stego.convert --help` fast
+    """Write the official checkpoint `ckpt` as our exported segmenter `out` (a segmenter.pt2); returns `out`."""
+    import torch  # local: keeps `python -m stego.convert --help` fast
+
+    from shared.probes import ClusterProbe, LinearProbe
+    from shared.segmenter import save
+    from stego.model import StegoEvalHead
 
     state = read_official_state_dict(ckpt)
     head = head_from_official(state)
@@ -147,19 +150,30 @@ def convert(ckpt: str | Path, out: str | Path, *, backbone: str, dataset: str = 
     centres = state["cluster_probe.clusters"]
     linear_weight, linear_bias = state.get("linear_probe.weight"), state.get("linear_probe.bias")
     n_classes = int(linear_weight.shape[0]) if linear_weight is not None else int(centres.shape[0])
-    metadata = segmenter_metadata(
-        backbone=backbone, backbone_weights_id=backbone_weights_id(backbone, backbone_weights, weights_id),
-        pretrained_backbone=True, feature_layer=feature_layer, resolution=resolution, n_classes=n_classes,
-        n_clusters=int(centres.shape[0]), code_dim=head.code_dim, dataset=dataset, converted_from=str(ckpt))
-    return save_segmenter(out, code_branches=head.code_branches(), state_dict=head.state_dict(),
-                          cluster_centres=centres, alpha=alpha, linear_weight=linear_weight, linear_bias=linear_bias,
-                          metadata=metadata)
+    cluster_probe = ClusterProbe(head.code_dim, n_classes, n_extra=int(centres.shape[0]) - n_classes)
+    linear_probe = LinearProbe(head.code_dim, n_classes)
+    with torch.no_grad():
+        cluster_probe.centres.copy_(centres)
+        if linear_weight is not None:
+            linear_probe.conv.weight.copy_(linear_weight.reshape(linear_probe.conv.weight.shape))
+            if linear_bias is not None:
+                linear_probe.conv.bias.copy_(linear_bias)
+    eval_head = StegoEvalHead(head, cluster_probe, linear_probe, alpha)
+    metadata = {
+        "method": "stego", "backbone": backbone,
+        "backbone_weights_id": backbone_weights_id(backbone, backbone_weights, weights_id),
+        "pretrained_backbone": True, "features": {"kind": "tokens", "layer": feature_layer},
+        "resolution": resolution, "n_classes": n_classes, "n_clusters": int(centres.shape[0]),
+        "code_dim": head.code_dim, "dataset": dataset, "probabilistic": False, "selected_by": "official checkpoint",
+        "converted_from": str(ckpt)}
+    example = torch.randn(2, feature_dim, 4, 5, generator=torch.Generator().manual_seed(0))
+    return save(out, eval_head, example, metadata)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Convert an official STEGO checkpoint into an exported segmenter.")
     parser.add_argument("ckpt", help="official STEGO .ckpt (e.g. cocostuff27_vit_base_5.ckpt)")
-    parser.add_argument("out", help="output segmenter path, e.g. runs/stego/cocostuff27/official/export/segmenter.pt")
+    parser.add_argument("out", help="output segmenter path, e.g. runs/stego/cocostuff27/official/export/segmenter.pt2")
     parser.add_argument("--backbone", required=True, help="backbone it was trained on, e.g. dino_vitb8 or dino_vits8")
     parser.add_argument("--dataset", default="unknown", help="dataset name for the metadata, e.g. cocostuff27")
     parser.add_argument("--resolution", type=int, default=320, help="evaluation resolution (the original's 320)")

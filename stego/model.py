@@ -53,22 +53,19 @@ class StegoHead(nn.Module):
             code = code + self.nonlinear_branch(self.dropout(feats))
         return self.dropout(feats), code
 
-    def code_branches(self, prefix: str = "") -> list[list[dict]]:
-        """The head as the method-agnostic op lists of `shared.segmenter.save_segmenter`.
 
-        Keys refer to this module's `state_dict()` (with `prefix` prepended). Dropout is absent: it is the
-        identity at evaluation.
-        """
-        linear = {"op": "conv1x1", "weight": f"{prefix}linear_branch.weight", "bias": f"{prefix}linear_branch.bias"}
-        branches = [[linear]]
-        if self.nonlinear_branch is not None:
-            branches.append(
-                [
-                    {"op": "conv1x1", "weight": f"{prefix}nonlinear_branch.0.weight",
-                     "bias": f"{prefix}nonlinear_branch.0.bias"},
-                    {"op": "relu"},
-                    {"op": "conv1x1", "weight": f"{prefix}nonlinear_branch.2.weight",
-                     "bias": f"{prefix}nonlinear_branch.2.bias"},
-                ]
-            )
-        return branches
+class StegoEvalHead(nn.Module):
+    """The exported evaluation head: features -> {code, cluster_logits, linear_logits} (dropout off).
+
+    Holds the trained head and both probes (shared, not copied), so it always reflects the current weights.
+    """
+
+    def __init__(self, head: StegoHead, cluster_probe: nn.Module, linear_probe: nn.Module, alpha: float) -> None:
+        super().__init__()
+        self.head, self.cluster_probe, self.linear_probe = head, cluster_probe, linear_probe
+        self.alpha = float(alpha)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, code = self.head(features)  # (B, D, h, w)
+        _, cluster_logits = self.cluster_probe(code, self.alpha)  # (B, K', h, w)
+        return {"code": code, "cluster_logits": cluster_logits, "linear_logits": self.linear_probe(code)}

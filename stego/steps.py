@@ -15,7 +15,7 @@ from shared.dist import all_reduce_mean
 from shared.probes import ClusterProbe, LinearProbe
 from stego.config import StegoConfig
 from stego.losses import correspondence_loss
-from stego.model import StegoHead
+from stego.model import StegoEvalHead, StegoHead
 
 
 class IndexStream:
@@ -126,12 +126,7 @@ def apply_gradients(total: torch.Tensor, modules: nn.ModuleDict, optimizers: dic
         optimizer.step()
 
 
-def head_outputs(modules: nn.ModuleDict, alpha: float):
-    """`features (B, C, h, w) -> {code, cluster_logits, linear_logits}` for evaluation (dropout off)."""
-
-    def head_fn(feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        _, code = modules["head"](feats)
-        _, cluster_logits = modules["cluster_probe"](code, alpha)
-        return {"code": code, "cluster_logits": cluster_logits, "linear_logits": modules["linear_probe"](code)}
-
-    return head_fn
+def eval_head(modules: nn.ModuleDict, alpha: float) -> StegoEvalHead:
+    """`features (B, C, h, w) -> {code, cluster_logits, linear_logits}`, the module that is validated and
+    exported (call `.eval()` on it: dropout off)."""
+    return StegoEvalHead(modules["head"], modules["cluster_probe"], modules["linear_probe"], alpha)

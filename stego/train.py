@@ -6,15 +6,15 @@
 Setup (`main`): run directory, backbone, datasets, feature caches, kNN file, head + probes, optimizers.
 Loop: each step draws a batch of cached features and one kNN partner per image, runs the head, and applies
 the correspondence loss (head) and the two probe losses (probes, on the detached code), each part with its
-own Adam. Validation every `val_every` steps keeps checkpoints/best.pt by unsupervised mIoU; checkpoints/last.pt
-is written at each validation and at the end. Finally the best head is exported to export/segmenter.pt and
-evaluated with and without CRF.
+own Adam. Validation every `val_every` steps logs the scores and writes checkpoints/last.pt (and, with
+`select_by=val_miou`, checkpoints/best.pt by validation mIoU, which uses labels). Finally `shared.finish` exports
+the last step's head (or the best, with that option) to export/segmenter.pt2 and scores the reloaded export.
 """
 
 from __future__ import annotations
 
-import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from shared.atomic_io import atomic_write_text
 from shared.backbone import build_backbone, snap_to_patch
 from shared.checkpoint import (
     gather_rng_states,
@@ -35,25 +34,27 @@ from shared.checkpoint import (
 from shared.config import parse_args, save_resolved_config
 from shared.data import build_dataset
 from shared.data.feature_cache import FeatureCache
-from shared.data.knn import load_or_compute_knn
+from shared.data.knn import knn_from_cache, load_or_compute_knn
 from shared.dist import barrier, distributed
-from shared.evaluation import evaluate_head
+from shared.evaluation import evaluate_head, score_summary
+from shared.finish import FinishedRun, export_metadata, finish_run
 from shared.logger import RunLogger
+from shared.run_dir import check_fresh_start, run_directory
 from shared.run_guard import StopSignal, check_finite
 from shared.seed import seed_everything
 from stego.config import StegoConfig
-from stego.export import export_stego, prediction_figure, segmenter_metadata
 from stego.steps import (
     IndexStream,
     apply_gradients,
     build_modules,
     build_optimizers,
-    head_outputs,
+    eval_head,
     knn_partners,
     step_losses,
 )
 
 METHOD = "stego"
+CONFIG_CLASS = StegoConfig
 
 
 @dataclass
@@ -84,7 +85,10 @@ def build_run_data(cfg: StegoConfig, backbone, log) -> RunData:
     cache = FeatureCache(cfg.cache_dir)
     train = cache.get(backbone, train_ds) if cfg.use_cache else None
     val, val_flip = cache.get(backbone, val_ds), cache.get(backbone, val_ds, flip=True)
-    knn = load_or_compute_knn(backbone, train_ds, k=min(30, len(train_ds)), nns_dir=cfg.nns_dir)
+    k = min(30, len(train_ds))
+    # From the cached features when there are any (no second backbone pass over the split), keyed like the cache.
+    knn = knn_from_cache(train, k=k, nns_dir=cfg.nns_dir) if train is not None else \
+        load_or_compute_knn(backbone, train_ds, k=k, nns_dir=cfg.nns_dir)
     return RunData(train_ds, val_ds, train, val, val_flip, knn)
 
 
@@ -112,18 +116,9 @@ def validate(modules, data: RunData, cfg: StegoConfig, n_classes: int, crf: bool
     the `head_outputs` closure, and dropout left on would score a randomly thinned head.
     """
     modules.eval()
-    return evaluate_head(head_outputs(modules, cfg.alpha), data.val, flipped=data.val_flip, n_classes=n_classes,
+    return evaluate_head(eval_head(modules, cfg.alpha), data.val, flipped=data.val_flip, n_classes=n_classes,
                          n_clusters=n_classes + cfg.n_extra_clusters, extra_policy=cfg.extra_policy,
                          batch_size=cfg.val_batch_size, crf_images=data.val_ds if crf else None)
-
-
-def score_summary(scores: dict) -> dict:
-    """Flat {name: value} of the Acc / mIoU numbers present in an evaluate_head result."""
-    out = {}
-    for name in ("unsupervised", "linear", "crf_unsupervised", "crf_linear"):
-        if scores.get(name):
-            out[f"{name}/acc"], out[f"{name}/miou"] = scores[name]["acc"], scores[name]["miou"]
-    return out
 
 
 def save_state(path: Path, modules, optimizers, step: int, cfg: StegoConfig, best: float, rng: list[dict]) -> None:
@@ -131,16 +126,17 @@ def save_state(path: Path, modules, optimizers, step: int, cfg: StegoConfig, bes
                                     extra={"best_miou": best}, rng=rng), path)
 
 
-def main(cfg: StegoConfig) -> dict:
+def main(cfg: StegoConfig) -> FinishedRun | dict:
     with distributed(cfg.device) as ctx:
         seed_everything(cfg.seed, cfg.deterministic)
-        run_dir = Path(cfg.output_root) / METHOD / cfg.dataset / cfg.name
+        run_dir = run_directory(cfg, METHOD)
+        check_fresh_start(run_dir, cfg.resume, cfg.overwrite)
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved_config(cfg, run_dir)
         logger = RunLogger(run_dir, enabled=ctx.is_main)
         weights = None if cfg.backbone_weights == "" else cfg.backbone_weights
-        backbone = build_backbone(cfg.backbone, weights, layer=cfg.feature_layer, force_float32=cfg.force_float32,
+        backbone = build_backbone(cfg.backbone, weights, features=cfg.features, force_float32=cfg.force_float32,
                                   device=ctx.device)
         if not backbone.pretrained:
             logger.write("NOTE: random backbone weights (backbone_weights=none): numbers are not meaningful.")
@@ -168,6 +164,7 @@ def main(cfg: StegoConfig) -> dict:
         ckpt_dir = run_dir / "checkpoints"
         with StopSignal() as stop:
             for step in logger.progress(range(start, cfg.max_steps), total=cfg.max_steps - start, desc="stego"):
+                began = time.perf_counter()
                 indices = stream.batch(step)
                 # The partner draw depends only on (seed, rank, step), so resuming repeats it exactly.
                 partners = knn_partners(data.knn, indices, cfg.knn_top,
@@ -181,6 +178,7 @@ def main(cfg: StegoConfig) -> dict:
                 done = step + 1
                 if done % cfg.log_every == 0:
                     logger.scalars(done, {k: float(v) for k, v in logs.items()}, prefix="train")
+                    logger.scalars(done, {"step_ms": (time.perf_counter() - began) * 1e3}, prefix="time")
                 stopping = stop.sync()
                 if done % cfg.val_every == 0 or done == cfg.max_steps or stopping:
                     scores = validate(modules, data, cfg, n_classes)
@@ -188,11 +186,11 @@ def main(cfg: StegoConfig) -> dict:
                     miou = scores["unsupervised"]["miou"]
                     rng = gather_rng_states()  # collective: every rank resumes its own dropout and grid stream
                     if ctx.is_main:
-                        if miou > best:
+                        if cfg.select_by == "val_miou" and miou > best:  # uses labels: only when asked for
                             best = miou
                             save_state(ckpt_dir / "best.pt", modules, optimizers, done, cfg, best, rng)
                         save_state(ckpt_dir / "last.pt", modules, optimizers, done, cfg, best, rng)
-                    logger.write(f"step {done}: val unsupervised mIoU {miou:.2f} (best {best:.2f})")
+                    logger.write(f"step {done}: val unsupervised mIoU {miou:.2f}")
                     barrier()
                 if stopping:
                     logger.write(f"stopped at step {done}; resume with --resume auto")
@@ -204,31 +202,18 @@ def main(cfg: StegoConfig) -> dict:
 
 
 def finish(cfg: StegoConfig, modules, data: RunData, backbone, n_classes: int, run_dir: Path, logger,
-           is_main: bool) -> dict:
-    """Reload the best head, export it, evaluate it with and without CRF, draw the prediction figure."""
-    best_path = run_dir / "checkpoints" / "best.pt"
+           is_main: bool) -> FinishedRun:
+    """Export the last step's head (or, with select_by=val_miou, the best validated one) and score the export."""
     barrier()
-    if best_path.exists():
+    best_path = run_dir / "checkpoints" / "best.pt"
+    if cfg.select_by == "val_miou" and best_path.exists():
         modules.load_state_dict(load_checkpoint(best_path)["model"])
-    modules.eval()
-    scores = validate(modules, data, cfg, n_classes, crf=cfg.crf_at_end)
-    summary = score_summary(scores) | {"extra_policy": cfg.extra_policy, "pretrained_backbone": backbone.pretrained}
-    if is_main:
-        metadata = segmenter_metadata(
-            backbone=cfg.backbone, backbone_weights_id=backbone.weights_id, pretrained_backbone=backbone.pretrained,
-            feature_layer=cfg.feature_layer, resolution=data.val_ds.resolution, n_classes=n_classes,
-            n_clusters=n_classes + cfg.n_extra_clusters, code_dim=cfg.code_dim, dataset=cfg.dataset,
-            extra_policy=cfg.extra_policy)
-        export_stego(run_dir / "export" / "segmenter.pt", modules["head"], modules["cluster_probe"].centres,
-                     cfg.alpha, modules["linear_probe"], metadata)
-        prediction_figure(run_dir / "figures" / "predictions.png", head_outputs(modules, cfg.alpha),
-                          data.val.features, data.val_ds, scores["unsupervised"]["mapping"], cfg.n_figure_images,
-                          cfg.dataset)
-        atomic_write_text(run_dir / "final_metrics.json", json.dumps(summary, indent=2))
-        logger.scalars(cfg.max_steps, {k: v for k, v in summary.items() if isinstance(v, float)}, prefix="final")
-        logger.write("final: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if isinstance(v, float)))
-        logger.write(f"exported {run_dir / 'export' / 'segmenter.pt'}")
-    return summary
+    metadata = export_metadata(cfg, METHOD, backbone, n_classes=n_classes, n_clusters=n_classes + cfg.n_extra_clusters,
+                               code_dim=cfg.code_dim, resolution=data.val_ds.resolution, steps=cfg.max_steps)
+    example = torch.from_numpy(np.asarray(data.val.features[:2], dtype=np.float32))
+    return finish_run(cfg=cfg, method=METHOD, run_dir=run_dir, head=eval_head(modules, cfg.alpha),
+                      example_features=example, metadata=metadata, val=data.val, val_flip=data.val_flip,
+                      val_ds=data.val_ds, logger=logger, is_main=is_main, device=next(modules.parameters()).device)
 
 
 if __name__ == "__main__":

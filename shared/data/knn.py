@@ -96,3 +96,45 @@ def load_or_compute_knn(backbone, dataset, *, k: int = 30, nns_dir: str | os.Pat
             raise RuntimeError(f"kNN file {path} is missing or does not match after rank 0 computed it; every rank "
                                "must see the same nns_dir (a shared filesystem).")
     return nns
+
+
+def knn_from_cache_path(cached, nns_dir: str | os.PathLike) -> Path:
+    """kNN file of a feature cache: named after (and so keyed like) the cache."""
+    return Path(nns_dir) / f"nns_{cached.key}.npz"
+
+
+def pooled_cached_features(cached, *, batch_size: int = 64) -> torch.Tensor:
+    """(N, C) float32: spatial mean of the cached float16 features, L2-normalised (no backbone pass)."""
+    n = len(cached.features)
+    pooled = [torch.from_numpy(np.asarray(cached.features[s:s + batch_size], dtype=np.float32)).mean(dim=(2, 3))
+              for s in range(0, n, batch_size)]
+    return F.normalize(torch.cat(pooled), dim=1)
+
+
+def knn_from_cache(cached, *, k: int = 30, nns_dir: str | os.PathLike = "cache/nns", chunk_size: int = 256) -> np.ndarray:
+    """(N, k) int64 neighbour indices (self first) of the images of a feature cache, computed from the cached
+    features themselves (rank 0) and stored beside them under the cache's key; reused while that key matches."""
+    path = knn_from_cache_path(cached, nns_dir)
+
+    def stored() -> np.ndarray | None:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                key, nns = str(data["cache_key"]), data["nns"]
+        except (OSError, KeyError, ValueError):
+            return None
+        if key != cached.key or nns.ndim != 2 or nns.shape[0] != len(cached) or nns.shape[1] < k:
+            return None
+        return nns[:, :k].astype(np.int64)
+
+    nns = stored()
+    if nns is None and sdist.get_rank() == 0:
+        nns = topk_cosine(pooled_cached_features(cached), k, chunk_size=chunk_size)
+        with atomic_open(path, "wb") as f:
+            np.savez(f, nns=nns, cache_key=np.array(cached.key))
+    sdist.barrier()
+    if nns is None:
+        nns = stored()
+        if nns is None:
+            raise RuntimeError(f"kNN file {path} is missing or does not match after rank 0 computed it; every rank "
+                               "must see the same nns_dir (a shared filesystem).")
+    return nns

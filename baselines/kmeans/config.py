@@ -1,0 +1,22 @@
+"""k-means baseline configuration: the common run keys plus the clustering's own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.run_config import RunConfig
+
+
+@dataclass
+class KMeansConfig(RunConfig):
+    dataset: str = "camvid_sample"
+    five_crop: bool = False
+    val_resolution: int = 322
+
+    n_clusters: int = 0  # 0 = the dataset's number of classes
+    n_init: int = 5  # seeded restarts; the lowest inertia wins
+    max_iter: int = 100
+    init: str = "k-means++"  # or "random"
+    max_samples: int = 200_000  # patch vectors drawn (seeded) from the training features
+    alpha: float = 10.0  # softmax temperature of the exported cluster probe (cosines live in [-1, 1])
+    linear_probe_steps: int = 0  # > 0 fits a linear probe on the labels (a diagnostic, reported separately)
