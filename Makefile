@@ -9,13 +9,15 @@ NPROC ?= 1
 ARGS ?=
 RUNS ?=
 RUN ?=
+BASE ?=
+SEEDS ?=
 
 # Runs `python -m $(1)` in one process, or under torchrun when NPROC > 1.
 launch = if [ "$(NPROC)" -gt 1 ]; then \
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m $(1) $(2); \
 	else $(PY) -m $(1) $(2); fi
 
-.PHONY: install test test-slow lint demo train-stego fit-kmeans eval compare bench
+.PHONY: install test test-slow lint demo train-puis fit-kmeans eval compare bench gpu-check
 
 install: $(STAMP)
 
@@ -37,11 +39,22 @@ lint: install
 demo: install
 	$(PY) -m compare.demo $(ARGS)
 
-train-stego: install
-	@$(call launch,stego.train,--config stego/configs/$(DATASET).yaml $(ARGS))
+# A method's directory: <method>/ at the top level, or baselines/<method>/.
+method_dir = $(if $(wildcard $(1)/train.py),$(1),baselines/$(1))
+method_module = $(subst /,.,$(call method_dir,$(1))).train
 
-fit-kmeans: install
-	$(PY) -m baselines.kmeans.fit dataset=$(DATASET) $(ARGS)
+# `make train-<method> DATASET=... NPROC=... ARGS=... [BASE=<segmenter.pt2>]`: every method, one rule.
+train-%: install
+	@test -f $(call method_dir,$*)/train.py || { echo "make train-$*: no method directory $*/ or baselines/$*/"; exit 2; }
+	@test -f $(call method_dir,$*)/configs/$(DATASET).yaml || { echo "make train-$*: no config \
+	$(call method_dir,$*)/configs/$(DATASET).yaml; pick DATASET= from: $$(ls $(call method_dir,$*)/configs | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
+	@$(call launch,$(call method_module,$*),--config $(call method_dir,$*)/configs/$(DATASET).yaml \
+	$(if $(BASE),base_segmenter=$(BASE)) $(ARGS))
+
+# PU-SegNet is known to its users as PUIS.
+train-puis: train-pusegnet
+
+fit-kmeans: train-kmeans
 
 # Evaluate one run (RUN=runs/<method>/<dataset>/<name>): the comparison's metrics, written into $(RUN)/eval.
 eval: install

@@ -7,8 +7,8 @@
    coming from an untrained backbone.
 2. Builds the feature caches the comparison needs (the trainers build theirs; all are reused on a re-run).
 3. Trains every method in `METHODS` with its short demo settings, each in its own process, skipping a run whose
-   export/segmenter.pt already exists for the same backbone weights and the same recipe (command line and
-   config file contents).
+   export/segmenter.pt2 already exists for the same backbone weights and the same recipe (command line and
+   config file contents). Each step prints its time.
 4. Runs the comparison and prints the table and the paths of report.md and comparison.png.
 
 `--fast` shrinks everything (tiny resolution, a few steps) for the test suite; its numbers mean nothing.
@@ -30,16 +30,11 @@ DATASET = "camvid_sample"
 BACKBONE = "dinov2_vits14"
 RANDOM = "none"
 
-# (method directory under runs/, training command, overrides for --fast). A new method adds one line; every
-# command takes the common trainer keys name=, output_root=, backbone_weights=, cache_dir=, device=.
-# "{cache_root}" stands for the folder above cache_dir, so that other caches (STEGO's kNN files) sit beside it.
-METHODS: list[tuple[str, list[str], list[str]]] = [
-    ("stego", ["-m", "stego.train", "--config", "stego/configs/demo.yaml", "nns_dir={cache_root}/nns"],
-     ["five_crop=false", "resolution=56", "val_resolution=56", "code_dim=8", "feature_samples=4", "neg_samples=2",
-      "batch_size=4", "val_batch_size=8", "max_steps=2", "val_every=1000", "crf_at_end=false", "n_figure_images=1"]),
-    ("kmeans", ["-m", "baselines.kmeans.fit", f"dataset={DATASET}"],
-     ["resolution=56", "val_resolution=56", "n_init=1", "max_iter=10", "max_samples=2000", "evaluate=false"]),
-]
+# Every method of the demo, in training order. "<method>" trains <method>/configs/demo.yaml (tiny.yaml with
+# --fast); "<method>+<base>" trains the same method on the export of the run <base> trained earlier in the list
+# (PriMaPs "+SotA"). A method whose demo config names `base_segmenter: run:<base>` gets that run's export too.
+# Adding a method = adding its name here.
+METHODS: list[str] = ["stego", "kmeans"]
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = {"resolution": 322, "run_name": "demo"}
@@ -100,45 +95,81 @@ def training_recipe(argv: list[str]) -> dict:
 def finished(run_dir: Path, weights_id: str, recipe: dict) -> bool:
     """True when the run exported a segmenter over the same backbone weights with the same recipe (command line
     and config file contents), so it need not be retrained; an edited demo.yaml or other flags retrain it."""
-    path = run_dir / "export" / "segmenter.pt"
+    path = run_dir / "export" / "segmenter.pt2"
     recipe_path = run_dir / RECIPE_FILE
     if not path.is_file() or not recipe_path.is_file():
         return False
-    from shared.segmenter import load
+    from shared.segmenter import read_metadata
 
     try:
         same_recipe = json.loads(recipe_path.read_text()) == recipe
-        return same_recipe and load(path).metadata.get("backbone_weights_id") == weights_id
+        return same_recipe and read_metadata(path).get("backbone_weights_id") == weights_id
     except Exception:  # noqa: BLE001 - an unreadable export or recipe is retrained
         return False
 
 
-def train_methods(out: Path, weights: str, weights_id: str, cache_dir: str, fast: bool) -> list[str]:
-    """Train (or reuse) every method's demo run; returns the run directories that have an export."""
+def method_dir(method: str) -> Path:
+    """<method>/ at the top level, else baselines/<method>/ (relative to the repository)."""
+    return Path(method) if (REPO / method / "train.py").is_file() else Path("baselines") / method
+
+
+def demo_config(method: str, fast: bool) -> Path:
+    return method_dir(method) / "configs" / ("tiny.yaml" if fast else "demo.yaml")
+
+
+def config_base(config: Path) -> str:
+    """The `base_segmenter` a demo config names as `run:<method>`, else ""."""
+    import yaml
+
+    value = str((yaml.safe_load((REPO / config).read_text()) or {}).get("base_segmenter", "") or "")
+    return value[len("run:"):].split("/")[0] if value.startswith("run:") else ""
+
+
+def plan(methods: list[str], fast: bool) -> list[tuple[str, str, str]]:
+    """(entry, method, base entry or "") for every entry of `methods`; a base must come earlier in the list."""
+    steps, seen = [], set()
+    for entry in methods:
+        method, _, base = entry.partition("+")
+        base = base or config_base(demo_config(method, fast))
+        if base and base not in seen:
+            raise ValueError(f"demo entry {entry!r} trains on the {base!r} run, which must come earlier in METHODS")
+        steps.append((entry, method, base))
+        seen.add(entry)
+    return steps
+
+
+def train_methods(out: Path, weights: str, weights_id: str, cache_dir: str, fast: bool, resolution: int,
+                  methods: list[str] | None = None) -> list[str]:
+    """Train (or reuse) every method's demo run; returns the run directories, in the order of `methods`."""
     from shared.atomic_io import atomic_write_text
 
     run_name = (FAST if fast else FULL)["run_name"]
-    runs = []
-    for method, command, fast_overrides in METHODS:
-        run_dir = out / "runs" / method / DATASET / run_name
-        common = [f"name={run_name}", f"output_root={out / 'runs'}", f"backbone_weights={weights}",
-                  f"cache_dir={cache_dir}", "device=cpu"]
-        command = [part.format(cache_root=Path(cache_dir).parent) for part in command]
-        argv = [*command, *common, *(fast_overrides if fast else [])]
+    runs: dict[str, Path] = {}
+    for entry, method, base in plan(methods or METHODS, fast):
+        name = run_name if entry == method else f"{run_name}+{base}"
+        run_dir = out / "runs" / method / DATASET / name
+        config = demo_config(method, fast)
+        argv = ["-m", f"{str(method_dir(method)).replace('/', '.')}.train", "--config", str(config),
+                f"name={name}", f"output_root={out / 'runs'}", f"backbone_weights={weights}", f"cache_dir={cache_dir}",
+                f"val_resolution={resolution}", "device=cpu"]
+        if base:
+            argv.append(f"base_segmenter={runs[base] / 'export' / 'segmenter.pt2'}")
+        if fast:
+            argv.append(f"dataset={DATASET}")
         recipe = training_recipe(argv)
         if finished(run_dir, weights_id, recipe):
-            print(f"[demo] {method}: reusing {run_dir}", flush=True)
+            print(f"[demo] {entry}: reusing {run_dir}", flush=True)
         else:
-            print(f"[demo] {method}: training -> {run_dir}\n       {' '.join(argv)}", flush=True)
+            print(f"[demo] {entry}: training -> {run_dir}\n       {' '.join(argv)}", flush=True)
             started = time.perf_counter()
-            done = subprocess.run([sys.executable, *argv], cwd=REPO, check=False)
+            done = subprocess.run([sys.executable, *argv, "overwrite=true"], cwd=REPO, check=False)
             state = "done" if done.returncode == 0 else f"FAILED (exit code {done.returncode})"
-            print(f"[demo] {method}: {state} in {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"[demo] {entry}: {state} in {time.perf_counter() - started:.0f} s", flush=True)
             if done.returncode == 0:
                 atomic_write_text(run_dir / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
         # A failed or missing run is still listed, so the report shows it as failed instead of hiding it.
-        runs.append(str(run_dir))
-    return runs
+        runs[entry] = run_dir
+    return [str(path) for path in runs.values()]
 
 
 def run_demo(out: str | Path = "demo_output", weights: str | None = None, fast: bool = False,
@@ -152,7 +183,7 @@ def run_demo(out: str | Path = "demo_output", weights: str | None = None, fast: 
     weights = resolve_weights(weights)
     print(f"[demo] building feature caches in {cache_dir}", flush=True)
     weights_id = build_caches(weights, settings["resolution"], cache_dir)
-    runs = train_methods(out, weights, weights_id, cache_dir, fast)
+    runs = train_methods(out, weights, weights_id, cache_dir, fast, settings["resolution"])
     print("[demo] comparing", flush=True)
     output = run_comparison(CompareSettings(
         dataset=DATASET, runs=runs, split="val", resolution=settings["resolution"],

@@ -12,7 +12,7 @@ from stego.losses import CorrespondenceWeights
 class StegoConfig(RunConfig):
     # Data (beyond the common keys).
     use_cache: bool = True  # False = recompute the backbone on images every step
-    nns_dir: str = "cache/nns"
+    nns_dir: str = ""  # "" = beside the feature cache: <cache_dir>/../nns
 
     # Head.
     code_dim: int = 70

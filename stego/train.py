@@ -86,9 +86,10 @@ def build_run_data(cfg: StegoConfig, backbone, log) -> RunData:
     train = cache.get(backbone, train_ds) if cfg.use_cache else None
     val, val_flip = cache.get(backbone, val_ds), cache.get(backbone, val_ds, flip=True)
     k = min(30, len(train_ds))
+    nns_dir = cfg.nns_dir or str(Path(cfg.cache_dir).parent / "nns")
     # From the cached features when there are any (no second backbone pass over the split), keyed like the cache.
-    knn = knn_from_cache(train, k=k, nns_dir=cfg.nns_dir) if train is not None else \
-        load_or_compute_knn(backbone, train_ds, k=k, nns_dir=cfg.nns_dir)
+    knn = knn_from_cache(train, k=k, nns_dir=nns_dir) if train is not None else \
+        load_or_compute_knn(backbone, train_ds, k=k, nns_dir=nns_dir)
     return RunData(train_ds, val_ds, train, val, val_flip, knn)
 
 
