@@ -1,10 +1,12 @@
 """The comparison's evaluation loop: load exported segmenters, check they share a backbone, score each one.
 
-Every method is scored on the same cached features (image and horizontal flip), the same labels and the same
-metric policy by `shared.evaluation.evaluate_head`. A second pass over the features, with the Hungarian mapping
-found by the first, measures the head's throughput and peak memory, accumulates calibration (ECE/NLL) and keeps
-the class maps of the images shown in the figure. A method that raises anywhere is recorded as failed with the
-first line of its error; the others still run.
+Every method is scored on the cached features its descriptor names (image and horizontal flip), the same labels
+and the same metric policy by `shared.evaluation.score_segmenter`, the code path a trainer's `finish_run` uses, so
+the numbers agree. The linear columns come from the evaluator's own probe, fitted on each method's exported code
+over the training split with one recipe for all (`shared.probes.ProbeRecipe`). A second pass over the features,
+with the Hungarian mapping found by the first, measures the head's throughput and peak memory, accumulates
+calibration (ECE/NLL) and keeps the class maps of the images shown in the figure. A method that raises anywhere
+is recorded as failed with the first line of its error; the others still run.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from compare.head_pass import head_pass, synchronize, upsample_logits
 
-SEGMENTER_RELATIVE = Path("export") / "segmenter.pt"
+SEGMENTER_RELATIVE = Path("export") / "segmenter.pt2"
 
 
 @dataclass
@@ -43,6 +45,7 @@ class EvalOptions:
     crf: bool = True
     batch_size: int = 16
     device: str = "cpu"
+    probe_recipe: Any = None  # shared.probes.ProbeRecipe; None = no evaluator linear probe
 
 
 @dataclass
@@ -56,11 +59,13 @@ class MethodResult:
     backbone: str = ""
     backbone_weights_id: str = ""
     pretrained_backbone: bool | None = None
-    feature_layer: int | None = None
+    features: dict | None = None
+    selected_by: str = ""
     probabilistic: bool = False
     n_clusters: int | None = None
     unsupervised: dict | None = None
     crf: dict | None = None
+    smoothed: dict | None = None
     linear: dict | None = None
     calibration: dict | None = None
     images_per_s: float | None = None
@@ -84,13 +89,13 @@ def first_line(error: BaseException) -> str:
 
 
 def resolve_segmenter_path(run: str | Path) -> Path:
-    """A run directory (holding export/segmenter.pt) or a segmenter file -> the segmenter file."""
+    """A run directory (holding export/segmenter.pt2) or a segmenter file -> the segmenter file."""
     path = Path(run)
     if path.is_dir():
         path = path / SEGMENTER_RELATIVE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass a run directory holding {SEGMENTER_RELATIVE} "
-                                "or the path of a segmenter.pt (train or export the method first)")
+                                "or the path of a segmenter.pt2 (train or export the method first)")
     return path
 
 
@@ -98,22 +103,22 @@ def _display_name(run: str, metadata: dict | None) -> str:
     """`<method>/<run name>` from the metadata, else from the layout runs/<method>/<dataset>/<name>."""
     path = Path(run)
     method = (metadata or {}).get("method")
-    if path.suffix == ".pt" and path.parent.name != "export":
+    if path.suffix == ".pt2" and path.parent.name != "export":
         return f"{method}/{path.stem}" if method else path.stem
-    if path.suffix == ".pt":
+    if path.suffix == ".pt2":
         path = path.parent.parent
     method = method or path.parent.parent.name
     return f"{method}/{path.name}" if method and method != path.name else path.name or str(run)
 
 
-def load_methods(runs: Sequence[str]) -> list[LoadedMethod]:
+def load_methods(runs: Sequence[str], device: str = "cpu") -> list[LoadedMethod]:
     """Load every run's segmenter with `shared.segmenter.load`; a failure is kept as a LoadedMethod with error."""
     from shared.segmenter import load
 
     methods = []
     for run in runs:
         try:
-            segmenter = load(resolve_segmenter_path(run))
+            segmenter = load(resolve_segmenter_path(run), map_location=device)
             methods.append(LoadedMethod(_display_name(run, segmenter.metadata), run, segmenter))
         except Exception as error:  # noqa: BLE001 - any failure of one method must not stop the others
             methods.append(LoadedMethod(_display_name(run, None), run, error=first_line(error)))
@@ -125,9 +130,9 @@ def load_methods(runs: Sequence[str]) -> list[LoadedMethod]:
     return methods
 
 
-def backbone_key(metadata: dict) -> tuple[str, str, int]:
-    """(backbone name, weights id, feature layer): methods with equal keys share one feature cache."""
-    return (str(metadata["backbone"]), str(metadata["backbone_weights_id"]), int(metadata.get("feature_layer", -1)))
+def backbone_key(metadata: dict) -> tuple[str, str]:
+    """(backbone name, weights id): methods with equal keys share one backbone (each descriptor its own cache)."""
+    return (str(metadata["backbone"]), str(metadata["backbone_weights_id"]))
 
 
 def group_by_backbone(methods: Sequence[LoadedMethod], allow_mixed: bool) -> dict[tuple, list[LoadedMethod]]:
@@ -136,8 +141,7 @@ def group_by_backbone(methods: Sequence[LoadedMethod], allow_mixed: bool) -> dic
     for m in methods:
         if m.segmenter is not None:
             groups.setdefault(backbone_key(m.segmenter.metadata), []).append(m)
-    backbones = {(name, weights) for name, weights, _ in groups}
-    if len(backbones) > 1 and not allow_mixed:
+    if len(groups) > 1 and not allow_mixed:
         listed = "; ".join(f"{m.path}: {k[0]} weights {k[1]}" for k, ms in groups.items() for m in ms)
         raise ValueError(f"the runs use different backbones ({listed}); a fair comparison needs one backbone, "
                          "so compare runs trained on the same backbone or pass --allow-mixed-backbones")
@@ -156,39 +160,62 @@ def _fill_metadata(result: MethodResult, meta: dict) -> None:
     result.backbone = str(meta.get("backbone", ""))
     result.backbone_weights_id = str(meta.get("backbone_weights_id", ""))
     result.pretrained_backbone = meta.get("pretrained_backbone")
-    result.feature_layer = meta.get("feature_layer")
+    result.features = meta.get("features")
+    result.selected_by = str(meta.get("selected_by", ""))
     result.probabilistic = bool(meta.get("probabilistic", False))
     result.n_clusters = meta.get("n_clusters")
 
 
+class WithEvaluatorProbe(torch.nn.Module):
+    """A segmenter whose `linear_logits` are the evaluator's probe on its code (the method's own are dropped)."""
+
+    def __init__(self, segmenter: Any, probe: torch.nn.Module | None) -> None:
+        super().__init__()
+        self.segmenter, self.probe, self.metadata = segmenter, probe, segmenter.metadata
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = dict(self.segmenter(features))
+        out.pop("linear_logits", None)
+        if self.probe is not None:
+            out["linear_logits"] = self.probe(out["code"].float())
+        return out
+
+
 def evaluate_method(method: LoadedMethod, features: Any, flipped: Any, dataset: Any, options: EvalOptions,
-                    figure_indices: Sequence[int] = ()) -> MethodResult:
-    """Score one loaded method; any exception becomes a failed row (the traceback is printed for the user)."""
+                    figure_indices: Sequence[int] = (), train: Any = None) -> MethodResult:
+    """Score one loaded method; any exception becomes a failed row (the traceback is printed for the user).
+    `train`: the cached training split its evaluator linear probe is fitted on (None: no linear columns)."""
     if method.segmenter is None:
         return failed_result(method, method.error)
     try:
-        return _evaluate(method, features, flipped, dataset, options, figure_indices)
+        return _evaluate(method, features, flipped, dataset, options, figure_indices, train)
     except Exception as error:  # noqa: BLE001 - reported in the table, the comparison goes on
         traceback.print_exc()
         return failed_result(method, first_line(error))
 
 
 def _evaluate(method: LoadedMethod, features: Any, flipped: Any, dataset: Any, options: EvalOptions,
-              figure_indices: Sequence[int]) -> MethodResult:
-    from shared.evaluation import evaluate_head
+              figure_indices: Sequence[int], train: Any) -> MethodResult:
+    from shared.evaluation import score_segmenter
+    from shared.probes import fit_evaluator_probe
 
-    segmenter = method.segmenter.to(options.device).eval()
+    segmenter = method.segmenter.eval()
     meta = segmenter.metadata
     result = MethodResult(method=method.name, path=method.path, status="ok")
     _fill_metadata(result, meta)
-    n_clusters = int(meta["n_clusters"])
     if int(meta.get("n_classes", options.n_classes)) != options.n_classes:
         raise ValueError(f"{method.path} was trained for {meta['n_classes']} classes but the dataset has "
                          f"{options.n_classes}; compare it on the dataset it was trained for")
-    scores = evaluate_head(segmenter, features, flipped=flipped, n_classes=options.n_classes, n_clusters=n_clusters,
-                           extra_policy=options.extra_policy, batch_size=options.batch_size,
-                           crf_images=dataset if options.crf else None, device=options.device)
+    probe = None
+    if options.probe_recipe is not None and train is not None and train.labels is not None:
+        probe = fit_evaluator_probe(lambda x: segmenter(x)["code"], train.features, train.labels, options.n_classes,
+                                    options.probe_recipe, options.device)
+    scored = WithEvaluatorProbe(segmenter, probe)
+    scores = score_segmenter(scored, features, flipped=flipped, n_classes=options.n_classes,
+                             extra_policy=options.extra_policy, batch_size=options.batch_size,
+                             crf_images=dataset if options.crf else None, device=options.device)
     result.unsupervised, result.linear, result.crf = scores["unsupervised"], scores.get("linear"), scores.get("crf")
+    result.smoothed = scores.get("smoothed")
     measured = head_pass(segmenter, features, flipped, result.unsupervised["mapping"], options, figure_indices,
                          probabilistic=result.probabilistic)
     result.images_per_s = measured.images_per_s

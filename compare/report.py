@@ -37,18 +37,21 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("unsup. mIoU", "unsupervised_miou", "pct"),
     ("+CRF Acc", "crf_acc", "pct"),
     ("+CRF mIoU", "crf_miou", "pct"),
+    ("+own post mIoU", "smoothed_miou", "pct"),
     ("linear Acc", "linear_acc", "pct"),
     ("linear mIoU", "linear_miou", "pct"),
     ("ECE", "ece_label", "text"),
     ("NLL", "nll_label", "text"),
     ("images/s", "images_per_s", "rate"),
     ("peak MiB", "peak_memory_mib", "mib"),
+    ("selected by", "selected_by", "text"),
     ("status", "status_label", "text"),
 )
 
 CSV_FIELDS = (
-    "method", "path", "status", "error", "backbone", "backbone_weights_id", "pretrained_backbone", "feature_layer",
-    "probabilistic", "unsupervised_acc", "unsupervised_miou", "crf_acc", "crf_miou", "linear_acc", "linear_miou",
+    "method", "path", "status", "error", "backbone", "backbone_weights_id", "pretrained_backbone", "features",
+    "selected_by", "probabilistic", "unsupervised_acc", "unsupervised_miou", "crf_acc", "crf_miou", "smoothed_acc",
+    "smoothed_miou", "linear_acc", "linear_miou",
     "ece", "nll", "calibration_source", "images_per_s", "peak_memory_mib",
 )
 
@@ -81,7 +84,8 @@ def flat_row(result: dict) -> dict:
         "backbone": result.get("backbone", ""),
         "backbone_weights_id": result.get("backbone_weights_id", ""),
         "pretrained_backbone": result.get("pretrained_backbone"),
-        "feature_layer": result.get("feature_layer"),
+        "features": json.dumps(result.get("features"), sort_keys=True) if result.get("features") else "",
+        "selected_by": result.get("selected_by", ""),
         "probabilistic": result.get("probabilistic"),
         "backbone_label": backbone_label(result),
         "ece": calibration.get("ece"),
@@ -93,7 +97,7 @@ def flat_row(result: dict) -> dict:
         "peak_memory_mib": result.get("peak_memory_mib"),
         "status_label": "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error', '')}",
     }
-    for kind in ("unsupervised", "crf", "linear"):
+    for kind in ("unsupervised", "crf", "smoothed", "linear"):
         row[f"{kind}_acc"] = _score(result, kind, "acc")
         row[f"{kind}_miou"] = _score(result, kind, "miou")
     return row
@@ -143,16 +147,22 @@ def header_lines(header: dict) -> list[str]:
     ]
     for group in header.get("backbones", []):
         state = "UNTRAINED: random weights" if group.get("pretrained") is False else "pretrained"
+        features = ", ".join(f"`{json.dumps(d, sort_keys=True)}`" for d in group.get("features", [])) or "—"
         lines.append(
-            f"- backbone: `{group.get('name')}` layer {group.get('layer')}, weights `{group.get('weights_id')}` "
-            f"({state}); {group.get('images_per_s', float('nan')):.3g} images/s measured once for the backbone alone"
+            f"- backbone: `{group.get('name')}`, weights `{group.get('weights_id')}` ({state}), features {features}; "
+            f"{group.get('images_per_s', float('nan')):.3g} images/s measured once for the backbone alone"
         )
     lines += [
         "- metric policy: unsupervised = Hungarian matching of clusters to classes over the whole split, "
         f"extra clusters `{policy}` ({EXTRA_POLICY_TEXT.get(policy, policy)}); linear = identity mapping; "
         "logits averaged over the image and its horizontal flip, then upsampled bilinearly to the label size; "
         "Acc and mIoU in percent",
-        f"- CRF: {'dense CRF on the upsampled cluster probabilities' if header.get('crf') else 'not run (--no-crf)'}",
+        f"- CRF: {'dense CRF on the upsampled cluster probabilities' if header.get('crf') else 'not run (--no-crf)'}; "
+        "+own post: the method's own post-processing exported with it (`smoothed_logits`), where it has one",
+        f"- linear probe: {header.get('linear_probe') or 'not fitted (no --probe-split)'}; the methods' own probes "
+        "are training diagnostics, reported in their run directories only",
+        "- selected by: which checkpoint the method exported (`last` step by default; `val_miou` chose it with "
+        "validation labels, which an unsupervised method does not have)",
         f"- images/s: the head alone (cached features of the image and its flip -> class map), batch "
         f"{header.get('batch_size')}, device `{header.get('device')}`",
         "- peak MiB: the largest growth of resident memory (or CUDA allocated memory) during one batch of the head",

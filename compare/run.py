@@ -4,7 +4,7 @@
         --runs "runs/stego/camvid_sample/demo runs/kmeans/camvid_sample/demo" [--resolution 322] \
         [--backbone-weights PATH|none] [--extra-policy error|majority|drop] [--no-crf] [--out compare_output/<dataset>]
 
-Every run (a run directory holding export/segmenter.pt, or a segmenter.pt) is scored on the same split, resolution,
+Every run (a run directory holding export/segmenter.pt2, or a segmenter.pt2) is scored on the same split, resolution,
 backbone features (cached, image and flip) and metric policy. Writes report.md, results.csv, results.json and
 comparison.png into --out, and prints the table.
 """
@@ -33,6 +33,7 @@ from compare.measure import pin_mmap_threshold
 from compare.report import markdown_table, untrained_banner, write_reports
 from dinov2_patched import RANDOM_WEIGHTS_ID
 from shared import dist as sdist
+from shared.probes import ProbeRecipe
 
 
 @dataclass
@@ -54,6 +55,7 @@ class CompareSettings:
     device: str = "auto"
     figure_rows: int = 4
     panel: int = 160
+    probe_split: str = "train"  # the split the evaluator's linear probe is fitted on ("" = no linear columns)
 
 
 @dataclass
@@ -78,31 +80,52 @@ def weights_for(weights_id: str, cli_weights: str | None) -> str | None:
     return "none" if weights_id == RANDOM_WEIGHTS_ID else None
 
 
-def _evaluate_group(key: tuple, methods: list[LoadedMethod], dataset: Any, settings: CompareSettings,
-                    options: EvalOptions, figure_indices: list[int]) -> tuple[dict, dict[str, MethodResult], Any]:
-    """Build one backbone and its feature caches, then score every method of the group."""
+def _evaluate_group(key: tuple, methods: list[LoadedMethod], dataset: Any, train_dataset: Any,
+                    settings: CompareSettings, options: EvalOptions,
+                    figure_indices: list[int]) -> tuple[dict, dict[str, MethodResult], Any]:
+    """Build one backbone, then per feature descriptor its caches (validation image and flip, training split for
+    the linear probe), and score every method of the group on the features its descriptor names."""
     from shared.backbone import build_backbone
     from shared.data.feature_cache import FeatureCache
+    from shared.features import descriptor_id
 
-    name, weights_id, layer = key
-    group = {"name": name, "layer": layer, "weights_id": weights_id, "pretrained": weights_id != RANDOM_WEIGHTS_ID}
+    name, weights_id = key
+    group = {"name": name, "weights_id": weights_id, "pretrained": weights_id != RANDOM_WEIGHTS_ID, "features": []}
+    results: dict[str, MethodResult] = {}
+    labels = None
     try:
-        backbone = build_backbone(name, weights=weights_for(weights_id, settings.backbone_weights), layer=layer,
-                                  device=options.device)
+        backbone = build_backbone(name, weights=weights_for(weights_id, settings.backbone_weights),
+                                  features=methods[0].segmenter.metadata["features"], device=options.device)
         group.update(weights_id=backbone.weights_id, pretrained=bool(backbone.pretrained))
         if backbone.weights_id != weights_id:
             raise ValueError(f"the runs were trained on {name} weights {weights_id} but the backbone loaded weights "
                              f"{backbone.weights_id}; pass --backbone-weights with the file they were trained on")
-        cache = FeatureCache(settings.cache_dir)
-        features = cache.get(backbone, dataset, flip=False, batch_size=settings.batch_size)
-        flipped = cache.get(backbone, dataset, flip=True, batch_size=settings.batch_size)
         group["images_per_s"] = time_backbone(backbone, dataset, device=options.device)
     except Exception as error:  # noqa: BLE001 - the group's methods are reported as failed, other groups go on
         message = first_line(error)
         print(f"backbone {name} failed: {message}", file=sys.stderr)
         return group, {m.path: failed_result(m, message) for m in methods}, None
-    results = {m.path: evaluate_method(m, features, flipped, dataset, options, figure_indices) for m in methods}
-    return group, results, features
+    cache = FeatureCache(settings.cache_dir)
+    by_descriptor: dict[str, list[LoadedMethod]] = {}
+    for m in methods:
+        by_descriptor.setdefault(descriptor_id(m.segmenter.metadata["features"]), []).append(m)
+    for members in by_descriptor.values():
+        try:
+            featurizer = backbone.with_features(members[0].segmenter.metadata["features"])
+            features = cache.get(featurizer, dataset, flip=False, batch_size=settings.batch_size)
+            flipped = cache.get(featurizer, dataset, flip=True, batch_size=settings.batch_size)
+            train = None
+            if train_dataset is not None and train_dataset.has_labels:
+                train = cache.get(featurizer, train_dataset, flip=False, batch_size=settings.batch_size)
+        except Exception as error:  # noqa: BLE001 - these methods fail, the other descriptors go on
+            message = first_line(error)
+            results.update({m.path: failed_result(m, message) for m in members})
+            continue
+        group["features"].append(featurizer.descriptor)
+        labels = features.labels if labels is None else labels
+        for m in members:
+            results[m.path] = evaluate_method(m, features, flipped, dataset, options, figure_indices, train)
+    return group, results, labels
 
 
 def run_comparison(settings: CompareSettings) -> ComparisonOutput:
@@ -110,27 +133,35 @@ def run_comparison(settings: CompareSettings) -> ComparisonOutput:
     from shared.data import build_dataset
 
     pin_mmap_threshold()  # before any large allocation, so the per-batch peak memory does not depend on history
-    methods = load_methods(settings.runs)
+    device = str(sdist.resolve_device(settings.device))
+    methods = load_methods(settings.runs, device)
     groups = group_by_backbone(methods, settings.allow_mixed_backbones)
     resolution = settings.resolution or default_resolution([k[0] for k in groups])
     dataset = build_dataset(settings.dataset, settings.split, data_root=settings.data_root, resolution=resolution)
+    train_dataset = None
+    if settings.probe_split:
+        train_dataset = build_dataset(settings.dataset, settings.probe_split, data_root=settings.data_root,
+                                      resolution=resolution)
+    recipe = ProbeRecipe() if settings.probe_split else None
     options = EvalOptions(n_classes=dataset.n_classes, extra_policy=settings.extra_policy, crf=settings.crf,
-                          batch_size=settings.batch_size, device=str(sdist.resolve_device(settings.device)))
+                          batch_size=settings.batch_size, device=device, probe_recipe=recipe)
     figure_indices = figure_indices_for(len(dataset), settings.figure_rows)
     by_path: dict[str, MethodResult] = {m.path: failed_result(m, m.error) for m in methods if m.segmenter is None}
     header_groups, labels = [], None
     for key, members in groups.items():
-        group, results, features = _evaluate_group(key, members, dataset, settings, options, figure_indices)
+        group, results, group_labels = _evaluate_group(key, members, dataset, train_dataset, settings, options,
+                                                       figure_indices)
         header_groups.append(group)
         by_path.update(results)
-        if features is not None and labels is None:
-            labels = features.labels
+        if group_labels is not None and labels is None:
+            labels = group_labels
     results = [by_path[m.path] for m in methods]
     header = {"dataset": settings.dataset, "split": settings.split, "n_images": len(dataset),
               "n_classes": dataset.n_classes, "class_names": list(getattr(dataset, "class_names", [])),
               "resolution": resolution, "backbones": header_groups, "extra_policy": settings.extra_policy,
               "crf": settings.crf, "batch_size": settings.batch_size, "device": options.device,
-              "runs": list(settings.runs), "figure": None}
+              "runs": list(settings.runs), "figure": None,
+              "linear_probe": recipe.describe() + f" (split {settings.probe_split!r})" if recipe else None}
     out_dir = Path(settings.out or f"compare_output/{settings.dataset}")
     paths = {}
     if labels is not None and any(r.status == "ok" for r in results):
@@ -145,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> CompareSettings:
     parser = argparse.ArgumentParser(prog="python -m compare.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="dataset name, e.g. camvid_sample")
     parser.add_argument("--runs", nargs="+", required=True,
-                        help="run directories (holding export/segmenter.pt) or segmenter.pt files; one quoted "
+                        help="run directories (holding export/segmenter.pt2) or segmenter.pt2 files; one quoted "
                              "space-separated string works too")
     parser.add_argument("--split", default="val")
     parser.add_argument("--data-root", default=None, help="default: $USS_DATA or ./data")
@@ -161,15 +192,18 @@ def parse_args(argv: list[str] | None = None) -> CompareSettings:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--figure-rows", type=int, default=4)
+    parser.add_argument("--probe-split", default="train",
+                        help="split the evaluator's linear probe is fitted on; '' for no linear columns")
     args = parser.parse_args(argv)
     runs = [part for item in args.runs for part in item.split()]
     if not runs:
-        parser.error("--runs is empty: name at least one run directory or segmenter.pt")
+        parser.error("--runs is empty: name at least one run directory or segmenter.pt2")
     return CompareSettings(dataset=args.dataset, runs=runs, split=args.split, data_root=args.data_root,
                            resolution=args.resolution, backbone_weights=args.backbone_weights,
                            extra_policy=args.extra_policy, crf=args.crf,
                            allow_mixed_backbones=args.allow_mixed_backbones, out=args.out, cache_dir=args.cache_dir,
-                           batch_size=args.batch_size, device=args.device, figure_rows=args.figure_rows)
+                           batch_size=args.batch_size, device=args.device, figure_rows=args.figure_rows,
+                           probe_split=args.probe_split)
 
 
 def print_summary(output: ComparisonOutput) -> None:

@@ -52,7 +52,8 @@ def canonical_descriptor(descriptor: dict | None, n_blocks: int | None = None) -
     else:
         raw = descriptor.get("blocks")
         if not isinstance(raw, (list, tuple)) or not raw:
-            raise DescriptorError(f"feature descriptor 'blocks' must be a non-empty list of block indices, got {raw!r}.")
+            raise DescriptorError(f"feature descriptor 'blocks' must be a non-empty list of block indices, "
+                                  f"got {raw!r}.")
         blocks = [_int(b, "'blocks'") for b in raw]
         out = {"kind": "keys", "blocks": blocks}
     if n_blocks is not None:

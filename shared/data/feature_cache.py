@@ -62,10 +62,11 @@ def key_fields(backbone, dataset, *, flip: bool) -> dict:
 
 
 def cache_key(backbone, dataset, *, flip: bool = False) -> str:
-    """Readable prefix plus a hash of `key_fields`, e.g. `dinov2_vits14-tokens-L-1-camvid_sample-train-noflip-<16 hex>`."""
+    """Readable prefix plus a hash of `key_fields`, e.g. `dinov2_vits14-tokens-L-1-camvid_sample-train-noflip-<hash>`."""
     fields = key_fields(backbone, dataset, flip=flip)
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-    parts = [backbone.name, descriptor_id(backbone.descriptor), dataset.name, dataset.split, "flip" if flip else "noflip"]
+    parts = [backbone.name, descriptor_id(backbone.descriptor), dataset.name, dataset.split,
+             "flip" if flip else "noflip"]
     prefix = "-".join(parts).replace("/", "_")
     return f"{prefix}-{digest}"
 

@@ -111,7 +111,8 @@ def pooled_cached_features(cached, *, batch_size: int = 64) -> torch.Tensor:
     return F.normalize(torch.cat(pooled), dim=1)
 
 
-def knn_from_cache(cached, *, k: int = 30, nns_dir: str | os.PathLike = "cache/nns", chunk_size: int = 256) -> np.ndarray:
+def knn_from_cache(cached, *, k: int = 30, nns_dir: str | os.PathLike = "cache/nns",
+                   chunk_size: int = 256) -> np.ndarray:
     """(N, k) int64 neighbour indices (self first) of the images of a feature cache, computed from the cached
     features themselves (rank 0) and stored beside them under the cache's key; reused while that key matches."""
     path = knn_from_cache_path(cached, nns_dir)
