@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from baselines.kmeans.fit import KMeansConfig, main, sample_patch_vectors
+
 from baselines.kmeans.kmeans import assign
 from shared.config import load_config
 from shared.segmenter import load
