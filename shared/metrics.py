@@ -10,8 +10,11 @@ Clusters left without a class by the matching (``n_clusters > n_classes``) are h
 - ``"error"`` (default): pixels predicted as an unmatched cluster count as wrong.
 - ``"majority"``: each unmatched cluster is mapped to its majority ground-truth class (as PriMaPs does).
 - ``"drop"``: pixels predicted as an unmatched cluster are removed from the totals (compatibility only).
-- ``"stego"``: exact compatibility with the original STEGO code, which drops every pixel predicted as a
-  cluster id ``>= n_classes`` *before* matching and then matches the first ``n_classes`` clusters.
+- ``"stego"``: exact compatibility with the original STEGO code (``UnsupervisedMetrics`` in its ``utils.py``),
+  which drops every pixel predicted as a cluster id ``>= n_classes`` *before* matching. With extra clusters it
+  then matches on the transposed histogram (classes as rows, every cluster a column), which breaks ties
+  differently from matching the clusters as rows; and it pools the pixels of any cluster left unmatched into
+  one more histogram row and column, a pseudo-class whose IoU (0) enters the mean.
 """
 
 from __future__ import annotations
@@ -66,6 +69,23 @@ def hungarian_match(histogram: np.ndarray | torch.Tensor) -> np.ndarray:
     return mapping
 
 
+def stego_match(histogram: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The original STEGO code's cluster -> class assignment (same return as :func:`hungarian_match`).
+
+    Without extra clusters it matches the square histogram as is; with extra clusters it solves the transposed
+    problem (classes as rows). Both give an optimal assignment, but when several are optimal scipy picks a
+    different one depending on which side are the rows, and the scores follow the original only if we pick its.
+    """
+    stats = np.asarray(torch.as_tensor(histogram).cpu().numpy(), dtype=np.float64)
+    n_clusters, n_classes = stats.shape
+    if n_clusters <= n_classes:
+        return hungarian_match(stats)
+    classes, clusters = linear_sum_assignment(stats.T, maximize=True)
+    mapping = np.full(n_clusters, -1, dtype=np.int64)
+    mapping[clusters] = classes
+    return mapping
+
+
 def _identity_mapping(n_clusters: int, n_classes: int) -> np.ndarray:
     mapping = np.arange(n_clusters, dtype=np.int64)
     mapping[mapping >= n_classes] = -1
@@ -82,6 +102,15 @@ def _apply_extra_policy(stats: np.ndarray, mapping: np.ndarray, policy: str) -> 
     elif policy == "drop":
         keep = ~unmatched
     return mapping, keep
+
+
+def _mean_iou(iou: np.ndarray, unmatched_pixels: float, policy: str) -> float:
+    """Percent mean over the classes that occur; NaN when none does."""
+    if policy == "stego" and unmatched_pixels > 0:
+        # The original adds the pixels of unmatched clusters as one more row (and an empty column) of its
+        # class histogram: a pseudo-class with IoU 0 that it averages in with the real ones.
+        iou = np.append(iou, 0.0)
+    return 100.0 * float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
 
 
 def scores_from_histogram(histogram: np.ndarray | torch.Tensor, matching: str = "hungarian",
@@ -107,8 +136,7 @@ def scores_from_histogram(histogram: np.ndarray | torch.Tensor, matching: str = 
     if matching == "identity":
         mapping = _identity_mapping(n_clusters, n_classes)
     elif extra_policy == "stego":
-        mapping = np.full(n_clusters, -1, dtype=np.int64)
-        mapping[:n_classes] = hungarian_match(stats[:n_classes])
+        mapping = stego_match(stats)  # the zeroed extra clusters stay in the problem, as in the original
     else:
         mapping = hungarian_match(stats)
     mapping, keep = _apply_extra_policy(stats, mapping, extra_policy)
@@ -127,7 +155,7 @@ def scores_from_histogram(histogram: np.ndarray | torch.Tensor, matching: str = 
         iou = np.where(denom > 0, tp / np.maximum(denom, 1), np.nan)
     total = stats.sum()
     acc = 100.0 * tp.sum() / total if total > 0 else float("nan")
-    miou = 100.0 * float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
+    miou = _mean_iou(iou, unmatched_pixels=stats[kept_mapping < 0].sum(), policy=extra_policy)
     return {
         "acc": float(acc),
         "miou": miou,
