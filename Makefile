@@ -66,3 +66,7 @@ compare: install
 
 bench: install
 	$(PY) -m benchmarks.run_all $(ARGS)
+
+# Everything that needs CUDA, in one command (under 8 minutes); run first when a GPU is lent.
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check

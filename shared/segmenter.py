@@ -154,8 +154,14 @@ def save(path: str | os.PathLike, head: nn.Module, example_features: torch.Tenso
     check_outputs(expected, metadata, b, h, w, where)
     check_outputs(expected_probe, metadata, *probe.shape[:1], *probe.shape[2:], where)
     dims = {0: Dim("batch", min=1), 2: Dim("height", min=1), 3: Dim("width", min=1)}
-    with torch.no_grad():
-        program = torch.export.export(head, (example_features,), dynamic_shapes={"features": dims}, strict=False)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(head, (example_features,), dynamic_shapes={"features": dims}, strict=False)
+    except Exception as error:  # noqa: BLE001 - torch's export errors are pages long: one sentence and the first line
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise SegmenterFormatError(f"{where}: the head is not exportable with dynamic batch, height and width "
+                                   f"({type(error).__name__}: {first}); remove data-dependent Python control flow "
+                                   "(branches on shapes or values, .item(), numpy) from its forward.") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".tmp.pt2") as tmp:
         torch.export.save(program, tmp, extra_files={METADATA_FILE: json.dumps(metadata, sort_keys=True)})

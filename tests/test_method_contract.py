@@ -51,9 +51,9 @@ def tiny_base(method: str) -> str:
     return value[len("run:"):].split("/")[0] if value.startswith("run:") else ""
 
 
-def tiny_config(method: str, root: Path, name: str, **overrides):
+def tiny_config(method: str, root: Path, name: str, device: str = "cpu", **overrides):
     module = module_of(method)
-    items = [f"output_root={root / 'runs'}", f"cache_dir={root / 'cache'}", f"name={name}", "device=cpu"]
+    items = [f"output_root={root / 'runs'}", f"cache_dir={root / 'cache'}", f"name={name}", f"device={device}"]
     items += [f"{k}={v}" for k, v in overrides.items()]
     return load_config(module.CONFIG_CLASS, METHODS[method] / "configs" / "tiny.yaml", items)
 
@@ -83,7 +83,7 @@ class GradientWatch:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, test_device):
     """One root for all methods' tiny runs (feature caches are shared), plus the bases trained on demand."""
     root = tmp_path_factory.mktemp("contract")
     trained: dict[str, object] = {}
@@ -91,8 +91,8 @@ def world(tmp_path_factory):
     def train(method: str, name: str = "tiny", **overrides):
         base = tiny_base(method)
         if base and ("base", base) not in trained:
-            trained[("base", base)] = module_of(base).main(tiny_config(base, root, "tiny"))
-        finished = module_of(method).main(tiny_config(method, root, name, **overrides))
+            trained[("base", base)] = module_of(base).main(tiny_config(base, root, "tiny", test_device))
+        finished = module_of(method).main(tiny_config(method, root, name, test_device, **overrides))
         trained[(method, name)] = finished
         return finished
 
@@ -119,7 +119,8 @@ def test_method_contract(method, world):
     segmenter = load(finished.export_path)
     x = random_features(segmenter.metadata)
     with torch.no_grad():
-        reloaded, in_memory = segmenter(x), finished.head.eval()(x)
+        device = next(iter(finished.head.parameters()), torch.zeros(0)).device
+        reloaded, in_memory = segmenter(x), {k: v.cpu() for k, v in finished.head.eval()(x.to(device)).items()}
     assert set(reloaded) == set(in_memory)
     for key in in_memory:
         torch.testing.assert_close(reloaded[key], in_memory[key], rtol=1e-5, atol=1e-5, msg=f"{method}: {key}")
