@@ -17,13 +17,14 @@ from shared.checkpoint import load_checkpoint
 from shared.config import load_config
 from shared.segmenter import load
 from stego.config import StegoConfig
-from stego.steps import build_modules, head_outputs
+from stego.steps import build_modules, eval_head
 from stego.train import build_run_data, load_batch, main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "stego" / "configs" / "tiny.yaml"
 # 28 px = 2x2 patches: the smallest grid that exercises everything, to keep the backbone passes cheap.
 SMALL = ["resolution=28", "val_resolution=28"]
+PINNED_MIOU = 9.58
 
 
 def _paths(root: Path, cache: Path) -> list[str]:
@@ -43,29 +44,50 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_the_run_directory(tiny_run):
     *_, run_dir = tiny_run
-    for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt",
-                 "export/segmenter.pt", "figures/predictions.png", "final_metrics.json"):
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "export/segmenter.pt2",
+                 "figures/predictions.png", "final_metrics.json"):
         assert (run_dir / name).is_file(), name
+    # Choosing a checkpoint by validation mIoU uses labels: not done unless asked for.
+    assert not (run_dir / "checkpoints" / "best.pt").exists()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss/total" in r for r in records)
     assert any("val/unsupervised/miou" in r for r in records)
+    assert any(r.get("time/step_ms", 0) > 0 for r in records)
     final = json.loads((run_dir / "final_metrics.json").read_text())
-    assert final["pretrained_backbone"] is False and 0 <= final["unsupervised/miou"] <= 100
+    assert final["pretrained_backbone"] is False and final["selected_by"] == "last"
+    # Deterministic on this platform: random backbone and head from seed 0, two steps (pinned, loose tolerance for
+    # other CPUs' float rounding).
+    assert final["unsupervised/miou"] == pytest.approx(PINNED_MIOU, abs=0.5)
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_final_metrics_equal_what_compare_reports(tiny_run):
+    from compare.run import CompareSettings, run_comparison
+
+    root, cache, run_dir = tiny_run
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    output = run_comparison(CompareSettings(
+        dataset="camvid_sample", runs=[str(run_dir)], resolution=28, backbone_weights="none", out=str(root / "cmp"),
+        cache_dir=str(cache), device="cpu", crf=False, probe_split="", figure_rows=1))
+    (result,) = output.results
+    assert result.status == "ok", result.error
+    assert result.unsupervised["miou"] == final["unsupervised/miou"]
+    assert result.unsupervised["acc"] == final["unsupervised/acc"]
 
 
 def test_exported_segmenter_equals_the_trained_head(tiny_run):
     *_, run_dir = tiny_run
-    segmenter = load(run_dir / "export" / "segmenter.pt")
+    segmenter = load(run_dir / "export" / "segmenter.pt2")
     meta = segmenter.metadata
     assert (meta["method"], meta["backbone"], meta["n_classes"], meta["code_dim"]) == ("stego", "dinov2_vits14", 11, 8)
-    assert meta["pretrained_backbone"] is False
+    assert meta["pretrained_backbone"] is False and meta["selected_by"] == "last"
+    assert meta["features"] == {"kind": "tokens", "layer": -1}
     cfg = load_config(StegoConfig, TINY)
     modules = build_modules(cfg, 384, 11)
-    modules.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "best.pt")["model"])
+    modules.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"])
     feats = torch.randn(2, 384, 3, 3)
     with torch.no_grad():
-        ours = head_outputs(modules.eval(), cfg.alpha)(feats)
+        ours = eval_head(modules, cfg.alpha).eval()(feats)
         theirs = segmenter(feats)
     for key in ("code", "cluster_logits", "linear_logits"):
         torch.testing.assert_close(theirs[key], ours[key], rtol=1e-5, atol=1e-5)
@@ -83,6 +105,25 @@ def test_resumed_run_equals_uninterrupted(tiny_run):
     assert straight["step"] == resumed["step"] == 3
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_select_by_val_miou_exports_the_best_validated_head(tiny_run):
+    root, cache, _ = tiny_run
+    common = [*_paths(root, cache), *SMALL, "val_every=1", "max_steps=3"]
+    main(load_config(StegoConfig, TINY, [*common, "name=best", "select_by=val_miou"]))
+    run_dir = root / "runs" / "stego" / "camvid_sample" / "best"
+    best = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert best["extra"]["best_miou"] == max(
+        json.loads(line)["val/unsupervised/miou"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "val/unsupervised/miou" in line)
+    segmenter = load(run_dir / "export" / "segmenter.pt2")
+    assert segmenter.metadata["selected_by"] == "val_miou"
+    cfg = load_config(StegoConfig, TINY)
+    modules = build_modules(cfg, 384, 11)
+    modules.load_state_dict(best["model"])
+    feats = torch.randn(2, 384, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(segmenter(feats)["code"], eval_head(modules, cfg.alpha).eval()(feats)["code"])
 
 
 def test_uncached_batches_equal_cached_ones(tiny_run):
