@@ -73,6 +73,7 @@ class StandIn(dict):
     """
 
     pickled_as = ""
+    __hash__ = object.__hash__  # usable as a dict key, as the object it replaces may have been
 
     def __init__(self, *args, **kwargs) -> None:
         self.args, self.kwargs = args, kwargs
