@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import os
 import pickle
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -103,8 +104,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as error:
         if "weights only" in str(error).lower():
             raise WeightsLoadError(
-                f"Weight file {path} holds objects other than tensors and cannot be loaded with weights_only=True; "
-                "use the official checkpoint or re-save it as a plain state dict."
+                f"Weight file {path} pickles {_refused_name(error)}, which loading with weights_only=True refuses (it "
+                "could run code); use the official checkpoint or re-save it as a plain state dict."
             ) from error
         raise _corrupt(path, error) from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:
@@ -116,6 +117,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise WeightsLoadError(f"Weight file {path} does not contain a state dict; use an official checkpoint.")
     return _strip_training_keys(state)
+
+
+
+def _refused_name(error: BaseException) -> str:
+    """What torch's weights_only unpickler refused; its own message is many lines that suggest weights_only=False."""
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+    return found.group(1) if found else "objects other than tensors"
 
 
 def _corrupt(path: Path, error: BaseException) -> WeightsLoadError:

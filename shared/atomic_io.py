@@ -9,7 +9,7 @@ at worst, a hidden `.<name>.*.tmp` file beside it.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,9 +27,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp", durable: bool 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temporary(path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
         yield tmp
         if durable:
@@ -55,6 +53,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return Path(path)
+
+
+
+def _new_temporary(folder: Path, *, prefix: str, suffix: str) -> Path:
+    """Create an empty, uniquely named file in `folder` with the mode of a normally created file.
+
+    Not `tempfile.mkstemp`: its files are 0600, and the rename would carry that mode to the final file. Asking for
+    0666 lets the umask (and a default ACL) decide, as for `open(path, "w")`; O_EXCL keeps the name unique.
+    """
+    for _ in range(100):
+        candidate = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not create a temporary file {prefix}*{suffix} in {folder}; remove stale ones.")
 
 
 def _fsync(path: Path) -> None:

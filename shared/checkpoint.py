@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,13 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+
+def _refused_name(err: BaseException) -> str:
+    """What torch's weights_only unpickler refused; its own message is many lines that suggest weights_only=False."""
+    found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+    return found.group(1) if found else "objects other than tensors and plain values"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint dict with ``weights_only=True`` (no arbitrary code runs while loading).
 
@@ -123,8 +131,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
             raise CheckpointError(
-                f"Checkpoint {path} holds objects that cannot be loaded with weights_only=True ({reason}); "
-                "it was not written by shared.checkpoint, so re-save it with plain tensors and values."
+                f"Checkpoint {path} pickles {_refused_name(err)}, which loading with weights_only=True refuses (it "
+                "could run code); it was not written by shared.checkpoint, so re-save it with plain tensors and values."
             ) from err
         if head != _ZIP_MAGIC:
             raise CheckpointError(

@@ -23,6 +23,7 @@ import torch
 
 from dinov2_patched import model_spec, weights_fingerprint
 from dinov2_patched.weights import cache_dir
+from stego import safe_pickle
 from stego.model import StegoHead
 
 LINEAR = ("net.cluster1.0.weight", "net.cluster1.0.bias")
@@ -30,64 +31,46 @@ NONLINEAR = ("net.cluster2.0.weight", "net.cluster2.0.bias", "net.cluster2.2.wei
 REQUIRED = (*LINEAR, "cluster_probe.clusters")
 
 
-class _Placeholder:
-    """Stands in for every class or function outside the allow-list (e.g. omegaconf and pytorch_lightning classes in
-    the hyper-parameters); calling it only stores the arguments."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.args = args
-
-    def __setstate__(self, state) -> None:
-        self.state = state
+class UnsafeCheckpointError(ValueError):
+    """The checkpoint pickles something other than tensors, plain values and Lightning/OmegaConf classes."""
 
 
-_BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray"}
-_NUMPY_ARRAYS = {"scalar", "_reconstruct"}
-# What a Lightning checkpoint needs to rebuild its tensors and plain containers. Storage types never get here:
-# torch.load resolves every name containing "Storage" itself. Anything else (a callable such as builtins.exec,
-# numpy's or torch's many functions) would let a crafted file run code, so it becomes a `_Placeholder`.
-_ALLOWED_GLOBALS = {
-    "collections": {"OrderedDict"},
-    "torch._utils": {"_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"},
-    "torch": {"Size", "device"},  # and the dtypes, see find_class
-    "builtins": _BUILTINS,
-    "__builtin__": _BUILTINS,  # protocol-2 pickles spell the module this way
-    "_codecs": {"encode"},
-    "numpy": {"dtype", "ndarray"},
-    "numpy.core.multiarray": _NUMPY_ARRAYS,
-    "numpy._core.multiarray": _NUMPY_ARRAYS,
-}
+def _unreadable(path: Path, error: BaseException) -> ValueError:
+    text = str(error).strip()
+    reason = text.splitlines()[0] if text else type(error).__name__
+    return ValueError(f"STEGO checkpoint {path} is not a readable PyTorch file ({reason}); pass the official .ckpt "
+                      "file, downloaded again if it may be truncated.")
 
 
-class _LenientUnpickler(pickle.Unpickler):
-    """Resolves only the names in `_ALLOWED_GLOBALS` (and torch dtypes); any other class or function becomes
-    `_Placeholder`, so classes of packages we lack load and no pickled callable can run."""
+def load_official_checkpoint(path: Path):
+    """The unpickled checkpoint, read without running any code from it (see stego.safe_pickle).
 
-    def find_class(self, module: str, name: str):
-        allowed = name in _ALLOWED_GLOBALS.get(module, ()) or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-        return super().find_class(module, name) if allowed else _Placeholder
-
-
-class _LenientPickleModule:
-    Unpickler = _LenientUnpickler
-    load = pickle.load
-    __name__ = "stego_lenient_pickle"
+    `weights_only=True` reads bare state dicts; a Lightning checkpoint, whose hyper-parameters pickle OmegaConf
+    and Lightning classes, is refused there (UnpicklingError) and read again through the allow-list.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    except Exception as error:  # torch raises RuntimeError, EOFError, OSError, ... for files it cannot parse
+        raise _unreadable(path, error) from error
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle.module)
+    except safe_pickle.RefusedGlobal as error:
+        raise UnsafeCheckpointError(
+            f"STEGO checkpoint {path} pickles {error.qualname}, which is neither a tensor, a plain value nor a "
+            "Lightning/OmegaConf class, so it was not loaded (it could run code); convert only official "
+            "checkpoints from mhamilton723/STEGO.") from error
+    except Exception as error:
+        raise _unreadable(path, error) from error
 
 
 def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The `state_dict` of an official checkpoint (or a bare state dict), as tensors on the CPU.
-
-    Tries `weights_only=True` first; Lightning checkpoints also pickle an OmegaConf config, which is read with
-    placeholders instead (only the tensors are used).
-    """
+    """The `state_dict` of an official checkpoint (or a bare state dict), as tensors on the CPU."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"STEGO checkpoint {path} does not exist; pass the path of the official .ckpt file.")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        blob = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_LenientPickleModule)
+    blob = load_official_checkpoint(path)
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state_dict; expected an official STEGO Lightning checkpoint.")
@@ -182,9 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone-weights", default=None, help="the backbone weight file, to fingerprint it")
     parser.add_argument("--weights-id", default=None, help="use this backbone weights id instead")
     args = parser.parse_args(argv)
-    out = convert(args.ckpt, args.out, backbone=args.backbone, dataset=args.dataset, resolution=args.resolution,
-                  alpha=args.alpha, feature_layer=args.feature_layer, backbone_weights=args.backbone_weights,
-                  weights_id=args.weights_id)
+    try:
+        out = convert(args.ckpt, args.out, backbone=args.backbone, dataset=args.dataset, resolution=args.resolution,
+                      alpha=args.alpha, feature_layer=args.feature_layer, backbone_weights=args.backbone_weights,
+                      weights_id=args.weights_id)
+    except (FileNotFoundError, KeyError, ValueError) as error:  # bad input: one line, no traceback, exit status 1
+        raise SystemExit(f"error: {error.args[0] if error.args else error}") from error
     print(f"wrote {out}")
 
 

@@ -119,6 +119,16 @@ def test_truncated_file(tmp_path):
         build_model(NAME, weights=path)
 
 
+def test_a_crafted_weight_file_runs_nothing_and_the_error_names_it(crafted_file, official_state):
+    """A weight file whose unpickling would run code (any pickle format torch.load reads) is refused unrun."""
+    crafted = crafted_file("evil.pth", dict(official_state))
+    with pytest.raises(WeightsLoadError, match="weights_only=True refuses") as err:
+        build_model(NAME, weights=crafted.path)
+    message = str(err.value)
+    assert str(crafted.path) in message and ("getattr" in message or "eval" in message) and "\n" not in message
+    assert not crafted.marker.exists()
+
+
 def test_wrong_architecture_names_keys(tmp_path):
     path = tmp_path / "other.pth"
     wrong = {"cls_token": torch.zeros(1, 1, 384), "pos_embed": torch.zeros(1, 197, 384), "extra": torch.zeros(1)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 import random
 import signal
 import sys
@@ -110,19 +109,14 @@ def test_missing_and_foreign_files(tmp_path):
         load_checkpoint(tensor_only)
 
 
-def test_load_is_weights_only(tmp_path):
-    """A pickle that would run code on load is refused, and the code does not run."""
-    marker = tmp_path / "code_ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (pathlib.Path.touch, (marker,))
-
-    path = tmp_path / "evil.pt"
-    torch.save({"x": Payload()}, path)
-    with pytest.raises(CheckpointError, match="weights_only=True"):
-        load_checkpoint(path)
-    assert not marker.exists()
+def test_a_crafted_file_runs_nothing_and_the_error_names_it(crafted_file):
+    """A file whose unpickling would run code (in any of the pickle formats torch.load reads) is refused unrun."""
+    crafted = crafted_file("last.pt", {"format_version": ckpt.FORMAT_VERSION, "step": 3})
+    with pytest.raises(CheckpointError, match="weights_only=True refuses") as err:
+        load_checkpoint(crafted.path)
+    message = str(err.value)
+    assert str(crafted.path) in message and ("getattr" in message or "eval" in message) and "\n" not in message
+    assert not crafted.marker.exists()
 
 
 def test_resolve_resume(tmp_path, capsys):

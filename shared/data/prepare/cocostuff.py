@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath
 
 from shared.atomic_io import atomic_write_text
 from shared.data.cocostuff import DEFAULT_LISTS
-from shared.data.prepare.common import extract_members, fail
+from shared.data.prepare.common import extract_members, fail, replacing_folders
 
 SPLITS = ("train2017", "val2017")
 
@@ -51,16 +51,22 @@ def run(args: argparse.Namespace) -> None:
     if args.only_listed and ids is None:
         fail("--only-listed needs --ids-file.")
     for split in args.splits:
-        keep = set(ids) if (args.only_listed and split == args.ids_split) else None
+        extract_split(args.src, root, split, set(ids) if (args.only_listed and split == args.ids_split) else None)
 
-        def target(name: str, folder: str, suffix: str, split: str = split, keep: set | None = keep) -> Path | None:
-            member = PurePosixPath(name)
-            if member.parent.name != split or member.suffix != suffix or (keep and member.stem not in keep):
-                return None
-            return root / folder / split / member.name
 
-        n = extract_members(args.src / f"{split}.zip", lambda m: target(m, "images", ".jpg"), f"images {split}")
+def extract_split(src: Path, root: Path, split: str, keep: set[str] | None) -> None:
+    """Replace `images/<split>` and `annotations/<split>` by the split's members (only the `keep` ids if given)."""
+    image_dir, label_dir = root / "images" / split, root / "annotations" / split
+
+    def target(name: str, folder: Path, suffix: str) -> Path | None:
+        member = PurePosixPath(name)
+        if member.parent.name != split or member.suffix != suffix or (keep and member.stem not in keep):
+            return None
+        return building[folder] / member.name
+
+    with replacing_folders([image_dir, label_dir], src=src) as building:
+        n = extract_members(src / f"{split}.zip", lambda m: target(m, image_dir, ".jpg"), f"images {split}")
         print(f"{split}: {n} images written")
-        n = extract_members(args.src / "stuffthingmaps_trainval2017.zip", lambda m: target(m, "annotations", ".png"),
+        n = extract_members(src / "stuffthingmaps_trainval2017.zip", lambda m: target(m, label_dir, ".png"),
                             f"labels {split}")
         print(f"{split}: {n} label maps written")

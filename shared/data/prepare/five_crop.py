@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.data.five_crop import CROP_RATIO, five_crop_dir
-from shared.data.prepare.common import atomic_save_image
+from shared.data.prepare.common import atomic_save_image, replacing_folders
 
 
 def five_crop_windows(h: int, w: int, ratio: float = CROP_RATIO) -> list[tuple[int, int, int, int]]:
@@ -34,18 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-id", type=int, default=255, help="folder datasets only")
 
 
-def write_five_crops(dataset, out_dir: Path, split: str) -> int:
-    """Write the crops of every image of `dataset`; returns the number of crops."""
+def write_five_crops(dataset, image_dir: Path, label_dir: Path) -> int:
+    """Write the crops of every image of `dataset` into `image_dir` (and `label_dir`); returns the number of crops."""
     n = 0
-    for i in tqdm(range(len(dataset)), desc=f"five-crop {dataset.name}/{split}", unit="img"):
+    for i in tqdm(range(len(dataset)), desc=f"five-crop {dataset.name}/{dataset.split}", unit="img"):
         image, label = dataset.load_arrays(i)  # (H, W, 3) uint8, (H, W) int64 or None
         for k, (top, left, ch, cw) in enumerate(five_crop_windows(*image.shape[:2])):
             index = 5 * i + k
             window = np.s_[top : top + ch, left : left + cw]
-            atomic_save_image(np.ascontiguousarray(image[window]), out_dir / "img" / split / f"{index}.jpg",
-                              quality=95)
+            atomic_save_image(np.ascontiguousarray(image[window]), image_dir / f"{index}.jpg", quality=95)
             if label is not None:
-                atomic_save_image((label[window] + 1).astype(np.uint8), out_dir / "label" / split / f"{index}.png")
+                atomic_save_image((label[window] + 1).astype(np.uint8), label_dir / f"{index}.png")
             n += 1
     return n
 
@@ -57,5 +56,7 @@ def run(args: argparse.Namespace) -> None:
     options = {"n_classes": args.n_classes, "ignore_id": args.ignore_id} if args.dataset == "folder" else {}
     dataset = build_dataset(args.dataset, args.split, data_root=args.src, **options)
     out_dir = five_crop_dir(resolve_data_root(args.dst or args.src), dataset.name)
-    n = write_five_crops(dataset, out_dir, args.split)
+    image_dir, label_dir = out_dir / "img" / args.split, out_dir / "label" / args.split
+    with replacing_folders([image_dir, label_dir]) as building:  # --src is the data root that holds out_dir
+        n = write_five_crops(dataset, building[image_dir], building[label_dir])
     print(f"{n} crops written to {out_dir}")

@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from shared.atomic_io import atomic_write_text
-from shared.data.prepare.common import fail
+from shared.data.prepare.common import fail, replacing_folders
 
 # ISPRS colour code -> class id: impervious surfaces, building, low vegetation, tree, car, clutter.
 COLOURS = {(255, 255, 255): 0, (0, 0, 255): 1, (0, 255, 255): 2, (0, 255, 0): 3, (255, 255, 0): 4, (255, 0, 0): 5}
@@ -74,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         " (default: every 5th labelled image)")
 
 
-def cut_image(image_id: str, image_path: Path, label_path: Path | None, root: Path, tile: int) -> list[str]:
-    """Write the tiles of one orthophoto; returns their ids."""
+def cut_image(image_id: str, image_path: Path, label_path: Path | None, imgs: Path, gts: Path, tile: int) -> list[str]:
+    """Write the tiles of one orthophoto into the folders `imgs` and `gts`; returns their ids."""
     img = read_array(image_path)
     gt = colours_to_ids(read_array(label_path), label_path) if label_path else None
     if img.ndim != 3 or img.dtype != np.uint8:
@@ -87,27 +87,28 @@ def cut_image(image_id: str, image_path: Path, label_path: Path | None, root: Pa
         for c in range(img.shape[1] // tile):
             tile_id = f"{image_id}_{r:03d}_{c:03d}"
             window = np.s_[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile]
-            scipy.io.savemat(root / "imgs" / f"{tile_id}.mat", {"img": np.ascontiguousarray(img[window])})
+            scipy.io.savemat(imgs / f"{tile_id}.mat", {"img": np.ascontiguousarray(img[window])})
             if gt is not None:
-                scipy.io.savemat(root / "gt" / f"{tile_id}.mat", {"gt": np.ascontiguousarray(gt[window])})
+                scipy.io.savemat(gts / f"{tile_id}.mat", {"gt": np.ascontiguousarray(gt[window])})
             ids.append(tile_id)
     return ids
 
 
 def run(args: argparse.Namespace) -> None:
     root = args.dst / "potsdam"
-    (root / "imgs").mkdir(parents=True, exist_ok=True)
-    (root / "gt").mkdir(parents=True, exist_ok=True)
     pairs = find_pairs(args.src)
     labelled = sorted(k for k, (_, label) in pairs.items() if label is not None)
     test_ids = {t.strip() for t in args.test_ids.split(",") if t.strip()} or set(labelled[4::5])
     lists: dict[str, list[str]] = {"labelled_train": [], "labelled_test": [], "unlabelled_train": [], "all": []}
-    for image_id, (image_path, label_path) in tqdm(sorted(pairs.items()), desc="potsdam", unit="image"):
-        tiles = cut_image(image_id, image_path, label_path, root, args.tile)
-        split = "unlabelled_train" if label_path is None else ("labelled_test" if image_id in test_ids
-                                                               else "labelled_train")
-        lists[split] += tiles
-        lists["all"] += tiles
+    # The tiles of every list share imgs/ and gt/, so both are replaced whole; the lists are rewritten after them.
+    with replacing_folders([root / "imgs", root / "gt"], src=args.src) as building:
+        for image_id, (image_path, label_path) in tqdm(sorted(pairs.items()), desc="potsdam", unit="image"):
+            tiles = cut_image(image_id, image_path, label_path, building[root / "imgs"], building[root / "gt"],
+                              args.tile)
+            split = "unlabelled_train" if label_path is None else ("labelled_test" if image_id in test_ids
+                                                                   else "labelled_train")
+            lists[split] += tiles
+            lists["all"] += tiles
     for name, tiles in lists.items():
         atomic_write_text(root / f"{name}.txt", "".join(f"{t}\n" for t in tiles))
         print(f"{name}: {len(tiles)} tiles")

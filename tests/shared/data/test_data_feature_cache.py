@@ -138,3 +138,17 @@ def test_building_a_cache_leaves_the_global_random_stream_alone(tmp_path, datase
     torch.manual_seed(0)
     FeatureCache(tmp_path / "cache").get(backbone, dataset, batch_size=2, progress=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_crafted_cache_files_run_nothing_and_are_rebuilt(tmp_path, dataset, crafted_file):
+    """The cache reads raw memmaps and JSON only: a pickle payload in place of any of its files is never run."""
+    cache = FeatureCache(tmp_path / "cache")
+    folder = cache.path_for(FakeBackbone(), dataset)
+    crafted = crafted_file("crafted.bin")
+    folder.mkdir(parents=True)
+    for name in ("features.f16", "labels.i16", "meta.json"):
+        (folder / name).write_bytes(crafted.path.read_bytes())
+    with pytest.warns(UserWarning, match="incomplete or inconsistent; rebuilding"):
+        cached = cache.get(FakeBackbone(), dataset, progress=False)
+    assert not crafted.marker.exists()
+    np.testing.assert_allclose(cached.features, reference(FakeBackbone(), dataset), rtol=2e-3, atol=2e-3)

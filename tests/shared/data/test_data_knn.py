@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import shutil
 
 import numpy as np
@@ -10,7 +11,8 @@ import torch
 from data_fixtures import FakeBackbone, make_folder
 
 from shared.data import build_dataset
-from shared.data.knn import knn_path, load_or_compute_knn, topk_cosine
+from shared.data.feature_cache import FeatureCache
+from shared.data.knn import knn_from_cache, knn_from_cache_path, knn_path, load_or_compute_knn, topk_cosine
 
 
 def brute_force(features: np.ndarray, k: int) -> np.ndarray:
@@ -79,3 +81,62 @@ def test_computing_knn_leaves_the_global_random_stream_alone(tmp_path):
     torch.manual_seed(0)
     load_or_compute_knn(backbone, dataset, k=3, nns_dir=tmp_path / "nns", progress=False)
     assert torch.equal(torch.rand(3), expected)
+
+
+class _TouchOnLoad:
+    """Unpickling this creates `marker` (a payload inside an .npz's object array)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def small_camvid(root, n=6):
+    rng = np.random.default_rng(2)
+    make_folder(root / "camvid", {f"f{i}": rng.integers(0, 11, (16, 16)) for i in range(n)})
+    return build_dataset("camvid", "train", data_root=root, resolution=16)
+
+
+def write_npz_with_object_array(path, marker, **fields):
+    np.savez(path, nns=np.array([_TouchOnLoad(marker)], dtype=object), **fields)
+
+
+def assert_recomputed_unrun(path, nns, expected, marker):
+    """The crafted file ran nothing, was not trusted, and was replaced by a plain array file."""
+    assert not marker.exists()
+    np.testing.assert_array_equal(nns, expected)
+    with np.load(path, allow_pickle=False) as data:
+        np.testing.assert_array_equal(data["nns"], expected)
+
+
+def test_a_crafted_knn_file_runs_nothing_and_is_recomputed(tmp_path, crafted_file):
+    ds = small_camvid(tmp_path)
+    expected = load_or_compute_knn(FakeBackbone(), ds, k=3, nns_dir=tmp_path / "clean", progress=False)
+    path = knn_path(FakeBackbone(), ds, tmp_path / "nns")
+    crafted = crafted_file(f"nns/{path.name}", {"nns": torch.zeros(6, 3, dtype=torch.long)})
+    nns = load_or_compute_knn(FakeBackbone(), ds, k=3, nns_dir=tmp_path / "nns", progress=False)
+    assert_recomputed_unrun(crafted.path, nns, expected, crafted.marker)
+
+
+def test_an_npz_with_a_pickled_object_array_runs_nothing(tmp_path):
+    ds = small_camvid(tmp_path)
+    backbone = FakeBackbone()
+    expected = load_or_compute_knn(backbone, ds, k=3, nns_dir=tmp_path / "clean", progress=False)
+    path, marker = knn_path(backbone, ds, tmp_path / "nns"), tmp_path / "payload-ran"
+    path.parent.mkdir()
+    write_npz_with_object_array(path, marker, weights_id=np.array(backbone.weights_id),
+                                layer=np.array(backbone.layer), cache_id=np.array(ds.cache_id))
+    nns = load_or_compute_knn(backbone, ds, k=3, nns_dir=tmp_path / "nns", progress=False)
+    assert_recomputed_unrun(path, nns, expected, marker)
+
+
+def test_a_crafted_knn_file_of_a_feature_cache_runs_nothing(tmp_path, crafted_file):
+    cached = FeatureCache(tmp_path / "cache").get(FakeBackbone(), small_camvid(tmp_path), progress=False)
+    expected = knn_from_cache(cached, k=3, nns_dir=tmp_path / "clean")
+    path = knn_from_cache_path(cached, tmp_path / "nns")
+    crafted = crafted_file(f"nns/{path.name}", {"nns": torch.zeros(6, 3, dtype=torch.long)})
+    assert_recomputed_unrun(path, knn_from_cache(cached, k=3, nns_dir=tmp_path / "nns"), expected, crafted.marker)
+    write_npz_with_object_array(path, crafted.marker, cache_key=np.array(cached.key))
+    assert_recomputed_unrun(path, knn_from_cache(cached, k=3, nns_dir=tmp_path / "nns"), expected, crafted.marker)

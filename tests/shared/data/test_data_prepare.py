@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import shutil
 import sys
 import types
 import zipfile
 
 import numpy as np
 import pytest
+import scipy.io
 from data_fixtures import FakeBackbone, make_folder, rgb
 from PIL import Image
 
@@ -128,3 +130,115 @@ def test_prepare_knn_writes_the_nns_file(tmp_path, monkeypatch):
           "--backbone", "fake_vit", "--weights", "none", "--k", "3", "--resolution", "16"])
     with np.load(tmp_path / "nns" / "nns_fake_vit_camvid_train_center_16.npz") as data:
         assert data["nns"].shape == (6, 3) and data["nns"][:, 0].tolist() == list(range(6))
+
+
+# ----------------------------------------------------------------------------- a rerun replaces the split whole
+# Each source writer makes version 1 or 2 of a tiny source (version 2 drops an image, changes one and adds one) and
+# returns the command line for a destination.
+
+
+def camvid_source(root, version):
+    src = root / "CamVid"
+    shutil.rmtree(src, ignore_errors=True)
+    for split in ("train", "val"):
+        (src / split).mkdir(parents=True)
+        (src / f"{split}annot").mkdir()
+        for i, stem in enumerate(["a", "b"] if version == 1 else ["a", "c"]):
+            Image.fromarray(rgb(6, 8, seed=10 * version + i)).save(src / split / f"{stem}.png")
+            Image.fromarray(np.full((6, 8), version + i, np.uint8)).save(src / f"{split}annot" / f"{stem}.png")
+    return lambda dst: ["camvid", "--src", str(src), "--dst", str(dst), "--splits", "train", "val"]
+
+
+def cityscapes_source(root, version):
+    src = root / "src"
+    src.mkdir(exist_ok=True)
+    stems = ["lindau_000000_000019", "lindau_000001_000019"] if version == 1 else ["lindau_000002_000019"]
+    write_zip(src / "leftImg8bit_trainvaltest.zip", {f"leftImg8bit/val/lindau/{s}_leftImg8bit.png":
+                                                     png_bytes(rgb(6, 8, seed=version)) for s in stems})
+    write_zip(src / "gtFine_trainvaltest.zip", {f"gtFine/val/lindau/{s}_gtFine_labelIds.png":
+                                                png_bytes(np.full((6, 8), 26, np.uint8)) for s in stems})
+    return lambda dst: ["cityscapes", "--src", str(src), "--dst", str(dst), "--splits", "val"]
+
+
+def cocostuff_source(root, version):
+    src = root / "src"
+    src.mkdir(exist_ok=True)
+    ids = ["000000000139", "000000000285"] if version == 1 else ["000000000139", "000000000632"]
+    write_zip(src / "val2017.zip", {f"val2017/{i}.jpg": png_bytes(rgb(8, 12, seed=version), "JPEG") for i in ids})
+    write_zip(src / "stuffthingmaps_trainval2017.zip",
+              {f"val2017/{i}.png": png_bytes(np.full((8, 12), version, np.uint8)) for i in ids})
+    return lambda dst: ["cocostuff", "--src", str(src), "--dst", str(dst), "--splits", "val2017"]
+
+
+def potsdam_source(root, version):
+    src = root / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    label = np.zeros((16, 16, 3), np.uint8)
+    label[:, :8] = (0, 0, 255)
+    for i, image_id in enumerate(["2_10", "2_11"] if version == 1 else ["2_10"]):
+        rgbir = np.random.default_rng(10 * version + i).integers(0, 256, (16, 16, 4), dtype=np.uint8)
+        Image.fromarray(rgbir, "RGBA").save(src / f"top_potsdam_{image_id}_RGBIR.tif")
+        Image.fromarray(label).save(src / f"top_potsdam_{image_id}_label.tif")
+    return lambda dst: ["potsdam", "--src", str(src), "--dst", str(dst), "--tile", "8", "--test-ids", "2_11"]
+
+
+def five_crop_source(root, version):
+    data = root / "five_crop_data"
+    shutil.rmtree(data, ignore_errors=True)
+    label = np.arange(10 * 12).reshape(10, 12) % 11
+    make_folder(data / "camvid", {"a": label, "b": label[::-1]} if version == 1 else {"a": label[:, ::-1]})
+    return lambda dst: ["five_crop", "--dataset", "camvid", "--split", "train", "--src", str(data), "--dst", str(dst)]
+
+
+SOURCES = {"camvid": camvid_source, "cityscapes": cityscapes_source, "cocostuff": cocostuff_source,
+           "potsdam": potsdam_source, "five_crop": five_crop_source}
+
+
+def tree(root) -> dict[str, bytes]:
+    """Every file under `root` (hidden ones too) -> its content; .mat files by their arrays (the header has a date)."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.suffix == ".mat":
+            data = b"".join(v.tobytes() for k, v in sorted(scipy.io.loadmat(path).items()) if not k.startswith("__"))
+        files[str(path.relative_to(root))] = data
+    return files
+
+
+@pytest.mark.parametrize("command", list(SOURCES))
+def test_a_rerun_replaces_each_split_as_a_whole(tmp_path, command):
+    main(SOURCES[command](tmp_path, 1)(tmp_path / "data"))
+    first = tree(tmp_path / "data")
+    for folder in {(tmp_path / "data" / name).parent for name in first if not name.endswith(".txt")}:
+        (folder / "stale.png").write_bytes(b"left over")  # e.g. a file a user dropped there
+    main(SOURCES[command](tmp_path, 2)(tmp_path / "data"))
+    main(SOURCES[command](tmp_path, 2)(tmp_path / "fresh"))
+    rerun = tree(tmp_path / "data")
+    assert rerun == tree(tmp_path / "fresh") and rerun != first
+    assert not any("stale" in name or ".partial" in name or ".old" in name for name in rerun)
+
+
+def test_a_failed_rerun_keeps_the_previous_split(tmp_path):
+    def val_files():
+        return {k: v for k, v in tree(tmp_path / "data").items() if k.split("/")[2] in ("val", ".val.partial")}
+
+    main(camvid_source(tmp_path, 1)(tmp_path / "data"))
+    before = val_files()
+    argv = camvid_source(tmp_path, 2)(tmp_path / "data")  # a.png changes, then c.png lacks its label
+    (tmp_path / "CamVid" / "valannot" / "c.png").unlink()
+    with pytest.raises(SystemExit, match="c.png is missing"):
+        main(argv)
+    assert val_files() == before  # neither the new a.png nor a partial folder
+
+
+def test_a_source_inside_a_replaced_folder_is_refused(tmp_path):
+    inside = tmp_path / "data" / "cocostuff" / "images" / "val2017"
+    argv = cocostuff_source(tmp_path, 1)(tmp_path / "data")
+    inside.mkdir(parents=True)
+    for archive in (tmp_path / "src").iterdir():
+        shutil.move(archive, inside / archive.name)
+    argv[argv.index("--src") + 1] = str(inside)
+    with pytest.raises(SystemExit, match="lies inside .*val2017, which this command replaces"):
+        main(argv)
+    assert sorted(p.name for p in inside.iterdir()) == ["stuffthingmaps_trainval2017.zip", "val2017.zip"]
