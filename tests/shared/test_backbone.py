@@ -62,8 +62,32 @@ def test_last_attention():
 
 
 def test_invalid_layer():
-    with pytest.raises(ValueError, match="Block index 4"):
+    with pytest.raises(ValueError, match=r"names blocks \[4\], but the backbone has 4 blocks"):
         FrozenBackbone(tiny_vit(), layer=4)
+
+
+def test_keys_descriptor_equals_the_explicit_attention_path():
+    """Keys read from the qkv projection (fused attention, no T x T matrix) equal the keys of the explicit path."""
+    frozen = FrozenBackbone(tiny_vit(), force_float32=True)
+    keys = frozen.with_features({"kind": "keys", "blocks": [-3, -1]})
+    images = torch.randn(2, 3, 8, 12)
+    assert keys.feature_dim == 2 * 32 and keys.model is frozen.model
+    out = keys(images)  # (B, 2C, h, w)
+    with torch.no_grad():
+        maps = frozen.model.get_block_qkv(images, [-3, -1])
+    first_patch = 1 + frozen.model.num_register_tokens
+    expected = torch.cat([m.k[:, :, first_patch:].permute(0, 1, 3, 2).reshape(2, 32, 2, 3) for m in maps], dim=1)
+    assert out.shape == (2, 64, 2, 3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_descriptor_the_backbone_cannot_produce():
+    from shared.features import DescriptorError
+
+    with pytest.raises(DescriptorError, match=r"names blocks \[-9\], but the backbone has 4 blocks"):
+        FrozenBackbone(tiny_vit(), features={"kind": "keys", "blocks": [-1, -9]})
+    with pytest.raises(DescriptorError, match="kind 'values' is unknown"):
+        build_backbone("dino_vits16", weights="none", features={"kind": "values"})
 
 
 def test_build_backbone_random_weights():
