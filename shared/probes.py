@@ -128,7 +128,8 @@ def fit_evaluator_probe(code_fn, features, labels, n_classes: int, recipe: Probe
     x_all, y_all = torch.cat(vectors), torch.cat(targets)
     if len(y_all) == 0:
         raise ValueError("the training split has no labelled pixels; the evaluator's linear probe needs labels.")
-    probe = LinearProbe(x_all.shape[1], n_classes)
+    with torch.random.fork_rng(devices=[]):  # its default init would draw from the global stream
+        probe = LinearProbe(x_all.shape[1], n_classes)
     with torch.no_grad():
         probe.conv.weight.copy_(torch.randn(probe.conv.weight.shape, generator=generator) * 0.01)
         probe.conv.bias.zero_()

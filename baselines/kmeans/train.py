@@ -66,7 +66,8 @@ def fit_linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, s
                      seed: int) -> LinearProbe:
     """Optional linear probe on the L2-normalised features, trained with Adam on random mini-batches."""
     generator = torch.Generator().manual_seed(seed)
-    probe = LinearProbe(features.shape[1], n_classes)
+    with torch.random.fork_rng(devices=[]):  # its default init would draw from the global stream
+        probe = LinearProbe(features.shape[1], n_classes)
     with torch.no_grad():  # its own generator: the global stream stays untouched
         probe.conv.weight.copy_(torch.randn(probe.conv.weight.shape, generator=generator) * 0.01)
         probe.conv.bias.zero_()

@@ -73,6 +73,10 @@ class ToyBackbone(torch.nn.Module):
 
     name, patch_size, feature_dim, layer = "dinov2_vits14", 2, DIM, -1
     weights_id, pretrained, use_bf16 = WEIGHTS_ID, False, False
+    descriptor = {"kind": "tokens", "layer": -1}
+
+    def with_features(self, descriptor: dict) -> ToyBackbone:
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.zeros(images.shape[0], DIM, GRID, GRID)
@@ -87,8 +91,9 @@ def cached(flip: bool):
 
 def metadata(method: str, n_clusters: int, probabilistic: bool) -> dict:
     return {"method": method, "backbone": "dinov2_vits14", "backbone_weights_id": WEIGHTS_ID,
-            "pretrained_backbone": False, "feature_layer": -1, "resolution": RES, "n_classes": N_CLASSES,
-            "n_clusters": n_clusters, "code_dim": DIM, "dataset": "toy", "probabilistic": probabilistic}
+            "pretrained_backbone": False, "features": {"kind": "tokens", "layer": -1}, "resolution": RES,
+            "n_classes": N_CLASSES, "n_clusters": n_clusters, "code_dim": DIM, "dataset": "toy",
+            "probabilistic": probabilistic, "selected_by": "last"}
 
 
 CENTRES_A = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, S, S]], dtype=torch.float32)
@@ -96,16 +101,40 @@ CENTRES_B = torch.tensor([[S, S, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch
 LINEAR_A = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0]], dtype=torch.float32)
 
 
-def save_toy_segmenter(path: Path, which: str) -> Path:
-    from shared.segmenter import save_segmenter
+class ToyHead(torch.nn.Module):
+    """code = the features; cluster logits = ALPHA * cos(code, centres); A also has a linear probe, B (the
+    probabilistic one) a variance output 1 + feature 3 + the column index (so it varies along the width)."""
 
+    def __init__(self, centres: torch.Tensor, linear: torch.Tensor | None, variance: bool) -> None:
+        super().__init__()
+        self.register_buffer("centres", torch.nn.functional.normalize(centres, dim=1))
+        self.linear = None if linear is None else torch.nn.Conv2d(DIM, N_CLASSES, 1)
+        if linear is not None:
+            with torch.no_grad():
+                self.linear.weight.copy_(linear[:, :, None, None])
+                self.linear.bias.zero_()
+        self.variance = variance
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        code = features
+        cos = torch.einsum("bchw,kc->bkhw", torch.nn.functional.normalize(code, dim=1), self.centres)
+        out = {"code": code, "cluster_logits": ALPHA * cos}
+        if self.linear is not None:
+            out["linear_logits"] = self.linear(code)
+        if self.variance:
+            columns = torch.arange(features.shape[-1], dtype=features.dtype)
+            out["variance"] = 1 + features[:, 3] + columns.view(1, 1, -1)
+        return out
+
+
+def save_toy_segmenter(path: Path, which: str) -> Path:
+    from shared.segmenter import save
+
+    example = torch.from_numpy(toy_features().astype(np.float32))
     if which == "a":
-        save_segmenter(path, code_branches=[[{"op": "identity"}]], state_dict={}, cluster_centres=CENTRES_A,
-                       alpha=ALPHA, linear_weight=LINEAR_A, linear_bias=torch.zeros(N_CLASSES),
-                       metadata=metadata("method_a", 3, False))
+        save(path, ToyHead(CENTRES_A, LINEAR_A, False), example, metadata("method_a", 3, False))
     else:
-        save_segmenter(path, code_branches=[[{"op": "identity"}]], state_dict={}, cluster_centres=CENTRES_B,
-                       alpha=ALPHA, metadata=metadata("method_b", 3, True))
+        save(path, ToyHead(CENTRES_B, None, True), example, metadata("method_b", 3, True))
     return path
 
 
@@ -120,7 +149,7 @@ def toy_world(tmp_path, monkeypatch):
     for which in ("a", "b"):
         run_dir = tmp_path / "runs" / f"method_{which}" / "toy" / "demo"
         (run_dir / "export").mkdir(parents=True)
-        save_toy_segmenter(run_dir / "export" / "segmenter.pt", which)
+        save_toy_segmenter(run_dir / "export" / "segmenter.pt2", which)
         runs[which] = str(run_dir)
     dataset = ToyDataset()
     monkeypatch.setattr(shared.data, "build_dataset", lambda *a, **k: dataset)

@@ -22,13 +22,13 @@ from compare.figure import figure_size
 from compare.run import CompareSettings, main, run_comparison
 
 ACC_A, MIOU_A = 100 * 46 / 62, 100 * (10 / 22 + 12 / 20 + 24 / 36) / 3
-LIN_ACC_A, LIN_MIOU_A = 100 * 46 / 62, 100 * (18 / 30 + 12 / 20 + 16 / 28) / 3
 ACC_B, MIOU_B = 100 * 40 / 62, 100 * (8 / 26 + 16 / 30 + 16 / 28) / 3
 PANEL = 32
 PAD, TITLE = 4, 14  # shared.viz.save_grid's defaults: padding around panels, title strip above each row
 
 
 def settings(world, runs, **kw) -> CompareSettings:
+    kw.setdefault("probe_split", "")  # the evaluator's probe has its own test; here the exported logits are known
     return CompareSettings(dataset="toy", runs=runs, resolution=4, out=str(world.out), cache_dir=str(world.tmp),
                            batch_size=3, device="cpu", figure_rows=4, panel=PANEL, **kw)
 
@@ -56,7 +56,7 @@ def test_table_values_match_the_hand_computed_ones(toy_world):
     a, b = data["results"]
     assert [a["status"], b["status"]] == ["ok", "ok"]
     assert a["unsupervised"]["acc"] == pytest.approx(ACC_A) and a["unsupervised"]["miou"] == pytest.approx(MIOU_A)
-    assert a["linear"]["acc"] == pytest.approx(LIN_ACC_A) and a["linear"]["miou"] == pytest.approx(LIN_MIOU_A)
+    assert a["linear"] is None  # no evaluator probe asked for; the method's own probe is never reported here
     assert b["unsupervised"]["acc"] == pytest.approx(ACC_B) and b["unsupervised"]["miou"] == pytest.approx(MIOU_B)
     assert b["unsupervised"]["mapping"] == [1, 2, 0] and b["linear"] is None
     # Logits are constant over each image, so the CRF cannot change any pixel.
@@ -65,15 +65,42 @@ def test_table_values_match_the_hand_computed_ones(toy_world):
     assert a["calibration"]["ece"] == pytest.approx(ece, rel=1e-4, abs=1e-6)
     assert a["calibration"]["nll"] == pytest.approx(nll, rel=1e-4)
     assert a["calibration"]["source"] == "cluster-softmax" and b["calibration"]["source"] == "probabilistic"
-    assert a["images_per_s"] > 0 and a["peak_memory_mib"] >= 0
+    assert a["selected_by"] == "last" and a["features"] == {"kind": "tokens", "layer": -1}
 
     report = out.paths["report"].read_text()
     assert f"| method_a/demo | dinov2_vits14 (UNTRAINED) | {ACC_A:.1f} | {MIOU_A:.1f} | {ACC_A:.1f} | {MIOU_A:.1f} | " \
-           f"{LIN_ACC_A:.1f} | {LIN_MIOU_A:.1f} |" in report
+           "— | — | — |" in report
     assert f"| method_b/demo | dinov2_vits14 (UNTRAINED) | {ACC_B:.1f} | {MIOU_B:.1f} |" in report
     assert "UNTRAINED BACKBONE" in report and "split `val`" in report and "resolution: 4" in report
     rows = list(csv.DictReader(out.paths["csv"].open()))
     assert float(rows[1]["unsupervised_miou"]) == pytest.approx(MIOU_B)
+
+
+def test_linear_columns_come_from_the_evaluator_probe(toy_world):
+    """With --probe-split the linear columns are the evaluator's probe on each method's code, fitted by one recipe:
+    A and B export the same code (the features), so their linear scores are identical, whatever A's own probe says.
+    On the toy world the probe can learn each image's majority class (e_i -> class), which gives 46/62 pixels right
+    at best (image 3 is a tie of 8 and 8)."""
+    out = run_comparison(settings(toy_world, [toy_world.runs["a"], toy_world.runs["b"]], probe_split="train",
+                                  crf=False))
+    a, b = out.results
+    assert a.linear == b.linear
+    assert a.linear["acc"] == pytest.approx(100 * 46 / 62)
+    assert "fitted by the evaluator" in out.paths["report"].read_text()
+
+
+def test_exported_variance_is_the_uncertainty_map(toy_world):
+    """B's program exports a variance output; the figure's uncertainty is it, upsampled and divided per image by its
+    maximum (part of the export contract, not a fake head)."""
+    out = run_comparison(settings(toy_world, [toy_world.runs["b"]], crf=False))
+    (b,) = out.results
+    features = torch.zeros(N_IMAGES, 4, 2, 2)
+    for i in range(N_IMAGES):
+        features[i, i] = 1
+    variance = 1 + features[:, 3] + torch.arange(2.0).view(1, 1, 2)  # (N, 2, 2), as the toy head defines it
+    up = torch.nn.functional.interpolate(variance[:, None], size=(4, 4), mode="bilinear", align_corners=False)[:, 0]
+    expected = up / up.flatten(1).amax(1)[:, None, None]
+    np.testing.assert_allclose(b.uncertainty, expected.numpy(), rtol=1e-5)
 
 
 def test_figure_grid_and_matched_colours(toy_world):
@@ -96,7 +123,7 @@ def test_figure_grid_and_matched_colours(toy_world):
 def test_a_failing_method_is_reported_while_the_others_run(toy_world):
     corrupt = toy_world.tmp / "corrupt" / "export"
     shutil.copytree(toy_world.runs["a"], corrupt.parent)
-    (corrupt / "segmenter.pt").write_bytes(b"not a segmenter")
+    (corrupt / "segmenter.pt2").write_bytes(b"not a segmenter")
     missing = toy_world.tmp / "never_trained"
     runs = [str(corrupt.parent), toy_world.runs["b"], str(missing)]
     out = run_comparison(settings(toy_world, runs, crf=False))
@@ -123,12 +150,13 @@ def test_evaluation_errors_become_failed_rows(toy_world, monkeypatch):
 
 def test_mixed_backbones_are_refused_unless_allowed(toy_world, capsys):
 
-    from shared.segmenter import save_segmenter
+    from compare_world import ToyHead, toy_features
 
-    other = toy_world.tmp / "other.pt"
+    from shared.segmenter import save
+
+    other = toy_world.tmp / "other.pt2"
     meta = dict(metadata("method_c", 3, False), backbone_weights_id="some-other-weights")
-    save_segmenter(other, code_branches=[[{"op": "identity"}]], state_dict={}, cluster_centres=CENTRES_A,
-                   alpha=ALPHA, metadata=meta)
+    save(other, ToyHead(CENTRES_A, None, False), torch.from_numpy(toy_features().astype(np.float32)), meta)
     runs = [toy_world.runs["a"], str(other)]
     with pytest.raises(ValueError, match="different backbones"):
         run_comparison(settings(toy_world, runs))

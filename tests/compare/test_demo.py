@@ -1,6 +1,7 @@
 """compare.demo end to end: random weights, tiny sizes (--fast); the full-size demo is a slow test."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +9,7 @@ from compare import demo
 
 
 def _check_output(output, out_dir):
-    methods = [name for name, _, _ in demo.METHODS]
+    methods = demo.METHODS
     assert len(output.results) == len(methods)
     assert [r.status for r in output.results] == ["ok"] * len(methods), [r.error for r in output.results]
     report = (out_dir / "compare" / "report.md").read_text()
@@ -17,7 +18,10 @@ def _check_output(output, out_dir):
     data = json.loads((out_dir / "compare" / "results.json").read_text())
     assert data["header"]["dataset"] == "camvid_sample" and data["header"]["backbones"][0]["pretrained"] is False
     for result in data["results"]:
-        assert 0 <= result["unsupervised"]["acc"] <= 100 and result["crf"] is not None
+        # The trainer scored its reloaded export through the same code path: the numbers agree exactly.
+        final = json.loads((Path(result["path"]) / "final_metrics.json").read_text())
+        assert result["unsupervised"]["miou"] == final["unsupervised/miou"], result["method"]
+        assert result["crf"] is not None and result["linear"] is not None
 
 
 def test_fast_demo_runs_end_to_end_and_reuses_finished_runs(tmp_path, capsys):
@@ -29,7 +33,7 @@ def test_fast_demo_runs_end_to_end_and_reuses_finished_runs(tmp_path, capsys):
     assert any((tmp_path / "nns").iterdir())  # STEGO's kNN file sits beside the feature cache, not in the repository
     # A second run trains nothing: every finished run (same backbone weights) is reused.
     weights_id = output.header["backbones"][0]["weights_id"]
-    runs = demo.train_methods(tmp_path / "demo", "none", weights_id, cache, fast=True)
+    runs = demo.train_methods(tmp_path / "demo", "none", weights_id, cache, fast=True, resolution=56)
     printed = capsys.readouterr().out
     assert printed.count("reusing") == len(demo.METHODS) and "training ->" not in printed
     assert runs == [r.path for r in output.results]
@@ -41,7 +45,7 @@ def test_fast_demo_runs_end_to_end_and_reuses_finished_runs(tmp_path, capsys):
     assert not demo.finished(kmeans_run, weights_id, {**recipe, "argv": [*recipe["argv"], "n_init=2"]})
     stego_recipe = json.loads((tmp_path / "demo" / "runs" / "stego" / "camvid_sample" / "demo_fast" /
                                demo.RECIPE_FILE).read_text())
-    assert list(stego_recipe["config_files"]) == ["stego/configs/demo.yaml"]  # an edited demo.yaml retrains
+    assert list(stego_recipe["config_files"]) == ["stego/configs/tiny.yaml"]  # an edited config retrains
 
 
 @pytest.mark.slow

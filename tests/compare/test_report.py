@@ -13,17 +13,18 @@ OK = {"method": "stego/demo", "path": "runs/stego", "status": "ok", "backbone": 
       "backbone_weights_id": "random-seed0", "pretrained_backbone": False, "probabilistic": False,
       "unsupervised": {"acc": 62.5, "miou": 45.0}, "crf": {"acc": 70.0, "miou": 50.25}, "linear": None,
       "calibration": {"ece": 0.1234, "nll": 1.5, "source": "cluster-softmax"}, "images_per_s": 1234.5,
-      "peak_memory_mib": 3.25}
+      "peak_memory_mib": 3.25, "selected_by": "last"}
 FAILED = {"method": "kmeans/demo", "path": "runs/kmeans", "status": "failed", "error": "ValueError: bad file"}
 
 
 def test_table_row_values_and_failed_row():
     table = report.markdown_table([OK, FAILED]).splitlines()
-    assert table[0].startswith("| method | backbone | unsup. Acc | unsup. mIoU | +CRF Acc | +CRF mIoU | linear Acc")
-    assert table[2] == ("| stego/demo | dinov2_vits14 (UNTRAINED) | 62.5 | 45.0 | 70.0 | 50.2 | — | — | 0.123† | "
-                        "1.500† | 1234 | 3.2 | ok |")
+    assert table[0].startswith("| method | backbone | unsup. Acc | unsup. mIoU | +CRF Acc | +CRF mIoU | +own post mIoU "
+                               "| linear Acc")
+    assert table[2] == ("| stego/demo | dinov2_vits14 (UNTRAINED) | 62.5 | 45.0 | 70.0 | 50.2 | — | — | — | 0.123† | "
+                        "1.500† | 1234 | 3.2 | last | ok |")
     assert table[3].endswith("| FAILED: ValueError: bad file |")
-    assert table[3].count("—") == 10
+    assert table[3].count("—") == 11
 
 
 def test_untrained_backbone_is_labelled_loudly_and_pretrained_is_not():
