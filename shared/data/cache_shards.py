@@ -142,6 +142,10 @@ def _check_same_job(views: list[dict], path: Path) -> None:
                 f"{who} has dataset {mine['cache_id']} with {mine['n_images']} images (root {view['root']}) but rank 0 "
                 f"({first['host']}) has {theirs['cache_id']} with {theirs['n_images']} (root {first['root']}); every "
                 "rank must read the same files: check data_root, split, resolution and five_crop on every node.")
+        if view["batch_size"] != first["batch_size"]:
+            raise ShardedCacheError(f"{who} builds with batch_size {view['batch_size']} but rank 0 with "
+                                    f"{first['batch_size']}; the shards are cut at batch boundaries, so every rank "
+                                    "must use the same batch size.")
         if view["key"] != first["key"]:
             raise ShardedCacheError(f"{who} would build feature cache {view['key']} but rank 0 builds {first['key']}; "
                                     "the backbone, its weights or the descriptor differ between ranks.")
@@ -156,7 +160,7 @@ def get_sharded(job: BuildJob) -> CachedFeatures:
     ranks = _Ranks()
     try:
         view = {"host": ranks.host, "dataset": dataset_fingerprint(job.dataset), "root": str(job.dataset.root),
-                "key": job.path.name, "found": open_cache(job.path) is not None}
+                "key": job.path.name, "batch_size": job.batch_size, "found": open_cache(job.path) is not None}
         views = ranks.gather(view)
         _check_same_job(views, job.path)
         if not views[0]["found"]:
@@ -182,19 +186,18 @@ def _prepare(job: BuildJob, plan: Plan, shards: list[range]) -> str:
 
 def _build(job: BuildJob, ranks: _Ranks) -> None:
     """Every rank writes its part; rank 0 checks the parts and publishes. Raises on every rank on failure."""
-    plan = plan_build(job)
-    shards = shard_rows(plan.n_images, job.batch_size, ranks.world)
-    name, error = None, None
+    name, plan, error = None, None, None
     if ranks.rank == 0:
         try:
-            name = _prepare(job, plan, shards)
+            plan = plan_build(job)
+            name = _prepare(job, plan, shard_rows(plan.n_images, job.batch_size, ranks.world))
         except Exception as err:  # noqa: BLE001 - reported on every rank below
             error = f"{ranks.me}: {err}"
     # The name, not the path: each rank joins it to its own cache_dir, so a missing shared filesystem shows.
-    name, error = ranks.broadcast((name, error))
+    name, plan, error = ranks.broadcast((name, plan, error))
     if error:
         raise ShardedCacheError(error)
-    tmp = job.cache_dir / name
+    tmp, shards = job.cache_dir / name, shard_rows(plan.n_images, job.batch_size, ranks.world)
     remove = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if ranks.rank == 0 else (lambda: None)
     try:
         if ranks.rank == 0:

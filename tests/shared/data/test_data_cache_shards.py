@@ -132,9 +132,10 @@ def test_failures_are_one_line_on_every_rank_and_publish_nothing(tmp_path, datas
             def full(fd, nbytes):
                 raise OSError(errno.ENOSPC, "No space left on device")
             cache_disk._reserve = full
-        FeatureCache(cache_dir).get(backbone, ds, batch_size=2, progress=False)
+        batch_size = 3 if name == "batch_size" and rank == 1 else 2
+        FeatureCache(cache_dir).get(backbone, ds, batch_size=batch_size, progress=False)
 
-    names = ["mismatch", "no_shared_fs", "lost_part", "disk_full"]
+    names = ["mismatch", "no_shared_fs", "lost_part", "disk_full", "batch_size"]
 
     def all_scenarios(rank):
         out = {}
@@ -154,11 +155,12 @@ def test_failures_are_one_line_on_every_rank_and_publish_nothing(tmp_path, datas
         assert messages[0] == messages[1], name  # every rank raises the same line
         assert "ShardedCacheError" in messages[0] and "rank 1" in messages[0], (name, messages[0])
         _assert_nothing_left(tmp_path / name / "node0" if name == "no_shared_fs" else tmp_path / name)
-    mismatch, no_fs, lost, full = (results[0]["ok"][n] for n in names)
+    mismatch, no_fs, lost, full, batch = (results[0]["ok"][n] for n in names)
     assert "has dataset" in mismatch and "4" in mismatch and str(tmp_path / "other") in mismatch
     assert "shared filesystem" in no_fs and str(tmp_path / "no_shared_fs" / "node1") in no_fs
     assert "part 1 is missing" in lost and "part-1" in lost
     assert "No space left" in full and "part-1" in full and "use_cache=false" in full
+    assert "batch_size 3 but rank 0 with 2" in batch
 
 
 def test_a_rank_that_dies_mid_build_fails_the_others_and_publishes_nothing(tmp_path, dataset, monkeypatch):
