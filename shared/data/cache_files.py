@@ -138,11 +138,12 @@ def plan_build(job: BuildJob) -> Plan:
     return Plan(len(dataset), shape, res, bool(dataset.has_labels))
 
 
-def write_rows(job: BuildJob, plan: Plan, folder: Path, rows: range, bar) -> dict:
+def write_rows(job: BuildJob, plan: Plan, folder: Path, rows: range, bar, on_first_batch=None) -> dict:
     """Run the backbone over images `rows` in order and fill folder/features.f16 (and labels.i16).
 
-    Files are allocated in full before the first batch. Returns the sha1 of each file's bytes (hashed as they
-    are written, so checking a part costs no extra read on the writer) and the seconds spent.
+    Files are allocated in full before the first batch; `on_first_batch(seconds)` is called once it is written
+    (a sharded build paces its waits by it). Returns the sha1 of each file's bytes (hashed as they are written,
+    so checking a part costs no extra read on the writer) and the seconds spent.
     """
     n, res = len(rows), plan.resolution
     features = allocated_memmap(folder / FEATURES_FILE, np.float16, (n, *plan.feature_shape))
@@ -171,6 +172,8 @@ def write_rows(job: BuildJob, plan: Plan, folder: Path, rows: range, bar) -> dic
                 label_chunk = np.ascontiguousarray(batch["label"].numpy().astype(np.int16))
                 labels[start:stop] = label_chunk
                 label_sha.update(label_chunk)
+            if start == 0 and on_first_batch is not None:
+                on_first_batch(time.perf_counter() - t0)
             start = stop
             bar.update(chunk.shape[0])
     for array in (features, labels):

@@ -49,8 +49,8 @@ from shared.data.cache_files import (
 
 PART_FILE = "part.json"
 CONTROL_TIMEOUT_S = 600.0  # exchanges where every rank is already present (they take milliseconds)
-MIN_WAIT_S = 300.0  # the shortest wait for peers: start-up skew, a slow filesystem
-WAIT_SLACK = 2.0  # a peer may take this much longer than this rank's own shard took, and still be waited for
+MIN_WAIT_S = 300.0  # added to every long wait: start-up skew, data-loader warm-up, a slow filesystem
+WAIT_SLACK = 2.0  # the parts are waited for this many times the expected build time (plus MIN_WAIT_S)
 COPY_FLOOR_BPS = 50e6  # the slowest concatenation rate (bytes/s) rank 0's publish is waited for
 VISIBLE_TIMEOUT_S = 30.0  # how long a rank polls for a folder another rank made (NFS caches a name's absence)
 COPY_CHUNK = 16 << 20
@@ -77,20 +77,34 @@ def dataset_fingerprint(dataset) -> dict:
     return {"cache_id": dataset.cache_id, "n_images": len(dataset)}
 
 
+class _PeerFailed(Exception):
+    """Another rank failed before its first batch: stop this rank's part early (its error is raised later)."""
+
+
 class _Ranks:
-    """This rank's view of the job: a private gloo group for control messages and timed waits."""
+    """This rank's view of the job: a private gloo group for control messages (every rank present, quick), and
+    once the build's pace is known (`pace`), a second group whose timeout covers the long waits."""
 
     def __init__(self) -> None:
         self.rank, self.world, self.host = dist.get_rank(), dist.get_world_size(), socket.gethostname()
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
+        self.wait_group = None
 
     @property
     def me(self) -> str:
         return f"rank {self.rank} ({self.host})"
 
-    def gather(self, obj) -> list:
+    def gather(self, obj, *, named: bool = False) -> list:
+        """all_gather_object; with `named`, a monitored barrier first, so rank 0 can name a rank that is gone."""
         out = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.group)
+        try:
+            if named:
+                dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=CONTROL_TIMEOUT_S),
+                                       wait_all_ranks=True)
+            dist.all_gather_object(out, obj, group=self.group)
+        except RuntimeError as err:
+            raise ShardedCacheError(f"{self.me} lost contact with the other ranks ({_first_line(err)}); a rank died. "
+                                    "Nothing was published.") from None
         return out
 
     def broadcast(self, obj):
@@ -98,16 +112,36 @@ class _Ranks:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
-    def wait(self, timeout_s: float, what: str, cleanup: Callable[[], None] = lambda: None) -> None:
-        """Barrier with an explicit timeout; on a timeout or a dead peer, one line naming who did not arrive."""
+    def pace(self, per_batch_s: float | None, error: str | None, n_batches: int, publish_s: float) -> list:
+        """Gather every rank's first-batch time (or early error) and open the wait group; returns the errors.
+
+        The slowest rank's batch time x the largest shard's batches is the expected build time; the wait group's
+        timeout is WAIT_SLACK times that plus the publish allowance, so no wait below can outlast it.
+        """
+        paces = self.gather((per_batch_s, error), named=True)
+        per_batch = max((s for s, _ in paces if s is not None), default=0.0)
+        self.parts_timeout_s = MIN_WAIT_S + WAIT_SLACK * per_batch * n_batches
+        self.publish_timeout_s = publish_s
+        self.wait_group = dist.new_group(backend="gloo",
+                                         timeout=timedelta(seconds=self.parts_timeout_s + publish_s))
+        return [e for _, e in paces if e]
+
+    def wait(self, timeout_s: float, what: str, cleanup: Callable[[], None], own_error: str | None = None) -> None:
+        """Barrier with an explicit timeout; on a timeout or a dead peer, one line naming who did not arrive.
+
+        monitored_barrier enforces `timeout_s` on rank 0 (which then names the missing ranks and, by leaving,
+        releases the others); the other ranks are bounded by the wait group's timeout. A rank that already failed
+        reports its own error: that, not the wait, is what went wrong.
+        """
         try:
-            dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+            dist.monitored_barrier(group=self.wait_group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
         except RuntimeError as err:
             cleanup()
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ShardedCacheError(f"{self.me} gave up after {timeout_s:.0f} s waiting for {what} ({reason}); a "
-                                    "rank died or hung. Nothing was published; whatever rank 0 could not remove, "
-                                    "the next build does.") from None
+            gave_up = f"gave up after {timeout_s:.0f} s waiting for {what} ({_first_line(err)})"
+            if own_error:
+                raise ShardedCacheError(f"{own_error} (then {gave_up})") from None
+            raise ShardedCacheError(f"{self.me} {gave_up}; a rank died or hung. Nothing was published; whatever "
+                                    "rank 0 could not remove, the next build does.") from None
 
     def agree(self, error: str | None, cleanup: Callable[[], None] = lambda: None) -> None:
         """Raise the first rank's error on every rank (after `cleanup`) if any rank has one."""
@@ -118,7 +152,14 @@ class _Ranks:
             raise ShardedCacheError(errors[0] + more)
 
     def close(self) -> None:
-        dist.destroy_process_group(self.group)
+        for group in (self.wait_group, self.group):
+            if group is not None:
+                dist.destroy_process_group(group)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _poll(predicate: Callable[[], object], timeout_s: float) -> object:
@@ -211,37 +252,51 @@ def _build(job: BuildJob, ranks: _Ranks) -> None:
 
 
 def _build_in(job: BuildJob, plan: Plan, shards: list[range], tmp: Path, ranks: _Ranks, remove) -> None:
+    """See the folder, write this rank's part, wait for all parts; rank 0 checks and publishes while all wait."""
     seen = _poll(lambda: (tmp / OWNER_FILE).exists(), VISIBLE_TIMEOUT_S)
     ranks.agree(None if seen else f"{ranks.me} cannot see {tmp / OWNER_FILE}, which rank 0 created; every rank must "
                 "see the same cache_dir on a shared filesystem (check cache_dir on every node).", remove)
-    started, error = time.perf_counter(), None
+    n_batches = math.ceil(max(len(rows) for rows in shards) / job.batch_size)
+    publish_s = MIN_WAIT_S + plan.total_bytes / COPY_FLOOR_BPS
+    paced, error = False, None
+
+    def first_batch(seconds: float | None, failed: str | None = None) -> None:
+        nonlocal paced
+        if not paced:
+            paced = True
+            if ranks.pace(seconds, failed, n_batches, publish_s) and failed is None:
+                raise _PeerFailed
+
+    started = time.perf_counter()
     try:
-        _write_part(job, plan, tmp, ranks, shards[ranks.rank])
+        _write_part(job, plan, tmp, ranks, shards[ranks.rank], first_batch)
+    except _PeerFailed:
+        pass  # its error is raised below, on every rank
+    except ShardedCacheError:
+        raise  # lost contact with the other ranks: no collective can follow
     except Exception as err:  # noqa: BLE001 - reported on every rank below
         error = f"{ranks.me} could not write its part {tmp / f'part-{ranks.rank}'}: {err}"
+    first_batch(None, error)  # an empty shard, or a failure before the first batch, still joins the pace
     elapsed = time.perf_counter() - started
-    mine, largest = len(shards[ranks.rank]), max(len(rows) for rows in shards)
-    expected = elapsed * largest / mine if mine else elapsed
-    ranks.wait(max(MIN_WAIT_S, WAIT_SLACK * expected), f"every rank's part of {tmp}", remove)
+    ranks.wait(ranks.parts_timeout_s, f"every rank's part of {tmp}", remove, error)
     ranks.agree(error, remove)
-    error = None
     if ranks.rank == 0:
         try:
             _check_and_publish(job, plan, shards, tmp, build_seconds=elapsed)
         except Exception as err:  # noqa: BLE001 - reported on every rank below
             error = f"{ranks.me} could not publish {job.path}: {err}"
-    ranks.wait(MIN_WAIT_S + plan.total_bytes / COPY_FLOOR_BPS, f"rank 0 to check and publish {job.path}", remove)
+    ranks.wait(ranks.publish_timeout_s, f"rank 0 to check and publish {job.path}", remove, error)
     ranks.agree(error, remove)
 
 
-def _write_part(job: BuildJob, plan: Plan, tmp: Path, ranks: _Ranks, rows: range) -> None:
+def _write_part(job: BuildJob, plan: Plan, tmp: Path, ranks: _Ranks, rows: range, first_batch) -> None:
     """This rank's rows into part-<rank>/; part.json, written last, marks the part complete."""
     folder = tmp / f"part-{ranks.rank}"
     folder.mkdir()
     bar = tqdm(total=len(rows), unit="img", disable=not (job.progress and ranks.rank == 0),
                desc=f"features {job.dataset.name}/{job.dataset.split} (rank 0 of {ranks.world})")
     with bar, no_space_as_error(folder, plan.rows_bytes(len(rows))):
-        written = write_rows(job, plan, folder, rows, bar)
+        written = write_rows(job, plan, folder, rows, bar, on_first_batch=first_batch)
         info = {"rank": ranks.rank, "host": ranks.host, "start": rows.start, "stop": rows.stop, **written}
         atomic_write_text(folder / PART_FILE, json.dumps(info))
 

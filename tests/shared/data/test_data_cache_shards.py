@@ -11,6 +11,7 @@ import errno
 import json
 import multiprocessing
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -126,8 +127,8 @@ def test_failures_are_one_line_on_every_rank_and_publish_nothing(tmp_path, datas
             cache_dir = cache_dir / f"node{rank}"
         if name == "lost_part" and rank == 1:
             write = cache_shards._write_part
-            cache_shards._write_part = lambda job, plan, tmp, ranks, rows: (
-                write(job, plan, tmp, ranks, rows), (tmp / "part-1" / "part.json").unlink())
+            cache_shards._write_part = lambda job, plan, tmp, *rest: (
+                write(job, plan, tmp, *rest), (tmp / "part-1" / "part.json").unlink())
         if name == "disk_full" and rank == 1:
             def full(fd, nbytes):
                 raise OSError(errno.ENOSPC, "No space left on device")
@@ -163,8 +164,7 @@ def test_failures_are_one_line_on_every_rank_and_publish_nothing(tmp_path, datas
     assert "batch_size 3 but rank 0 with 2" in batch
 
 
-def test_a_rank_that_dies_mid_build_fails_the_others_and_publishes_nothing(tmp_path, dataset, monkeypatch):
-    monkeypatch.setattr(cache_shards, "MIN_WAIT_S", 3.0)  # forked ranks inherit it
+def test_a_rank_that_dies_mid_build_fails_the_others_and_publishes_nothing(tmp_path, dataset):
 
     class DiesOnRank1(FakeBackbone):
         def forward(self, images):
@@ -176,7 +176,28 @@ def test_a_rank_that_dies_mid_build_fails_the_others_and_publishes_nothing(tmp_p
         DiesOnRank1(), dataset, batch_size=2, progress=False) and None)
     assert results[1] == {"exit": 1}
     assert "error" in results[0] and "\n" not in results[0]["error"], results[0]
-    assert "rank 0" in results[0]["error"] and "every rank's part" in results[0]["error"]
+    assert results[0]["error"].startswith("rank 0 (") and "Ranks 1 failed" in results[0]["error"]
     _assert_nothing_left(tmp_path / "cache")  # rank 0 outlived it and removed the folder
     again = FeatureCache(tmp_path / "cache").get(FakeBackbone(), dataset, batch_size=2, progress=False)
     assert again.features.shape == (5, 6, 2, 2)
+
+
+def test_a_failure_before_the_first_batch_stops_every_rank_early(tmp_path, dataset):
+    def build(rank):
+        backbone = FakeBackbone()
+        if rank == 0:  # slower to start than rank 1 is to fail
+            write = cache_shards._write_part
+            cache_shards._write_part = lambda *args: (time.sleep(1.0), write(*args))
+        else:
+            def full(fd, nbytes):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            cache_disk._reserve = full
+        try:
+            FeatureCache(tmp_path / "cache").get(backbone, dataset, batch_size=2, progress=False)
+        finally:
+            (tmp_path / f"seen{rank}").write_text(str(backbone.images_seen))
+
+    first, second = _errors(run_ranks(tmp_path, build))
+    assert first == second and first.startswith("rank 1 (") and "No space left in" in first
+    assert (tmp_path / "seen0").read_text() == "2"  # rank 0 stopped after its first batch of its 2
+    _assert_nothing_left(tmp_path / "cache")
