@@ -5,10 +5,11 @@
     <key>.tmp-<run id>/{features.f16, labels.i16, meta.json} -> rename to <key>/   # what readers open
 
 Shards are cut at batch boundaries, so every batch is the batch a single process would have run and the bytes
-are those of a single-process build with the same batch size. The ranks talk over a gloo group of their own
-(small CPU messages whichever backend trains), and every wait is a `monitored_barrier` whose timeout comes from
-the expected build time, so no build length can hit the process group's default timeout. A failure on any
-rank is gathered and raised on every rank as one line naming the rank and the folder; nothing is published.
+are those of a single-process build with the same batch size. The ranks talk over gloo groups of their own
+(small CPU messages whichever backend trains). After every rank's first batch they gather its time; the slowest
+times the largest shard's batches is the expected build time, from which a second group takes its timeout and
+every long wait (`monitored_barrier` on it) its own, so no build length can hit a default timeout. A failure on
+any rank is gathered and raised on every rank as one line naming the rank and the folder; nothing is published.
 """
 
 from __future__ import annotations
