@@ -1,8 +1,12 @@
 """Frozen-backbone features of every image of a dataset, computed once and memory-mapped (float16).
 
 Layout: `<cache_dir>/<key>/features.f16` (N, C, h, w), `labels.i16` (N, R, R) when the dataset has labels,
-`meta.json`. A build writes into `<key>.tmp-<pid>/` and renames it to `<key>/` only when complete, so an
+`meta.json`. A build writes into `<key>.tmp-<id>/` and renames it to `<key>/` only when complete, so an
 interrupted build never looks whole; leftovers of dead builders are removed by the next build.
+
+One process builds alone; under torchrun every rank builds its shard and rank 0 publishes the whole
+(`shared.data.cache_shards`), byte for byte what one process would have written. Before a build the cache
+prints its size and refuses to start when the filesystem has too little room (`shared.data.cache_disk`).
 
 With flip=True the features are those of the horizontally flipped images, *not* flipped back; labels are
 always those of the unflipped images (flip the code back before averaging, as STEGO does).
@@ -14,37 +18,38 @@ import hashlib
 import json
 import os
 import shutil
-import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from shared import dist as sdist
+from shared.atomic_io import atomic_write_text
+from shared.data import cache_shards
+from shared.data.cache_disk import CacheSpaceError, cache_bytes, check_free_space
+from shared.data.cache_files import (
+    FEATURES_FILE,
+    LABELS_FILE,
+    META_FILE,
+    BuildJob,
+    CachedFeatures,
+    eval_mode,
+    final_meta,
+    no_space_as_error,
+    open_cache,
+    owned,
+    plan_build,
+    prepare_folder,
+    publish,
+    write_rows,
+)
 from shared.features import canonical_descriptor, descriptor_id
 
 CACHE_FORMAT = 2  # 2: keyed by the feature descriptor instead of a block index
-FEATURES_FILE, LABELS_FILE, META_FILE = "features.f16", "labels.i16", "meta.json"
 
-
-@dataclass
-class CachedFeatures:
-    """features: np.memmap float16 (N, C, h, w); labels: int16 (N, R, R) with -1 ignore, or None."""
-
-    features: np.ndarray
-    labels: np.ndarray | None
-    key: str
-    meta: dict
-    path: Path
-
-    def __len__(self) -> int:
-        return int(self.features.shape[0])
+__all__ = [
+    "CACHE_FORMAT", "FEATURES_FILE", "LABELS_FILE", "META_FILE", "CacheSpaceError", "CachedFeatures", "FeatureCache",
+    "cache_bytes", "cache_key", "eval_mode", "key_fields",
+]  # fmt: skip
 
 
 def key_fields(backbone, dataset, *, flip: bool) -> dict:
@@ -62,7 +67,14 @@ def key_fields(backbone, dataset, *, flip: bool) -> dict:
 
 
 def cache_key(backbone, dataset, *, flip: bool = False) -> str:
+<<<<<<< HEAD
     """Readable prefix plus a hash of `key_fields`: `dinov2_vits14-tokens-L-1-camvid_sample-train-noflip-<hash>`."""
+=======
+    """Readable prefix plus a hash of `key_fields`.
+
+    E.g. `dinov2_vits14-tokens-L-1-camvid_sample-train-noflip-<16 hex>`.
+    """
+>>>>>>> h3-sharded-cache
     fields = key_fields(backbone, dataset, flip=flip)
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     parts = [backbone.name, descriptor_id(backbone.descriptor), dataset.name, dataset.split,
@@ -71,58 +83,15 @@ def cache_key(backbone, dataset, *, flip: bool = False) -> str:
     return f"{prefix}-{digest}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_builds(cache_dir: Path, key: str) -> None:
-    """Delete `<key>.tmp-<pid>` folders whose builder is gone (a crash or kill left them behind)."""
-    for tmp in cache_dir.glob(f"{key}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def eval_mode(backbone) -> Iterator[torch.device]:
-    """Run the block with `backbone` in eval mode (no dropout), restoring its mode after; yields its device."""
-    try:
-        device = next(backbone.parameters()).device
-    except (AttributeError, StopIteration):
-        device = torch.device(getattr(backbone, "device", "cpu"))
-    was_training = getattr(backbone, "training", False)
-    if hasattr(backbone, "eval"):
-        backbone.eval()
-    try:
-        yield device
-    finally:
-        if was_training and hasattr(backbone, "train"):
-            backbone.train()
-
-
-def _open(path: Path) -> CachedFeatures | None:
-    """Open a finished cache folder, or None when it is incomplete or inconsistent."""
-    try:
-        meta = json.loads((path / META_FILE).read_text())
-        shape = tuple(meta["features_shape"])
-        if (path / FEATURES_FILE).stat().st_size != int(np.prod(shape)) * 2:
-            return None
-        features = np.memmap(path / FEATURES_FILE, dtype=np.float16, mode="r", shape=shape)
-        labels = None
-        if meta.get("labels_shape"):
-            lshape = tuple(meta["labels_shape"])
-            if (path / LABELS_FILE).stat().st_size != int(np.prod(lshape)) * 2:
-                return None
-            labels = np.memmap(path / LABELS_FILE, dtype=np.int16, mode="r", shape=lshape)
-    except (OSError, ValueError, KeyError):
-        return None
-    return CachedFeatures(features=features, labels=labels, key=meta["key"], meta=meta, path=path)
+def _static_meta(backbone, dataset, path: Path, flip: bool) -> dict:
+    """The meta.json fields known before the build."""
+    return {
+        "key": path.name, "fields": key_fields(backbone, dataset, flip=flip), "n_images": len(dataset),
+        "resolution": dataset.resolution, "flip": bool(flip), "dataset": dataset.name, "split": dataset.split,
+        "n_classes": dataset.n_classes, "class_names": list(dataset.class_names), "backbone": backbone.name,
+        "weights_id": backbone.weights_id, "features": backbone.descriptor,
+        "patch_size": getattr(backbone, "patch_size", None),
+    }  # fmt: skip
 
 
 class FeatureCache:
@@ -136,87 +105,43 @@ class FeatureCache:
 
     def get(self, backbone, dataset, *, flip: bool = False, batch_size: int = 16, num_workers: int = 0,
             progress: bool = True) -> CachedFeatures:
-        """Open the cached features, building them first if needed (rank 0 only under DDP; others wait)."""
+        """Open the cached features, building them first if needed.
+
+        Under torchrun every rank computes its shard and rank 0 publishes (see `shared.data.cache_shards`);
+        every rank must call this with the same arguments. `batch_size` is part of what makes the bytes
+        reproducible: a rebuild with the same batch size gives the same bytes, sharded or not.
+        """
         path = self.path_for(backbone, dataset, flip=flip)
-        if sdist.get_rank() == 0 and _open(path) is None:
-            self._build(backbone, dataset, path, flip=flip, batch_size=batch_size, num_workers=num_workers,
-                        progress=progress)
-        sdist.barrier()
-        cached = _open(path)
+        job = BuildJob(backbone, dataset, path, flip=flip, batch_size=batch_size, num_workers=num_workers,
+                       progress=progress, meta=_static_meta(backbone, dataset, path, flip))
+        if sdist.get_world_size() > 1:
+            return cache_shards.get_sharded(job)
+        if open_cache(path) is None:
+            self._build(job)
+        cached = open_cache(path)
         if cached is None:
-            raise RuntimeError(f"Feature cache {path} is missing or incomplete after rank 0 built it; every rank "
-                               "must see the same cache_dir (a shared filesystem). Delete the folder and retry.")
+            raise RuntimeError(f"Feature cache {path} is missing or incomplete right after it was built; another "
+                               "process may be deleting it. Delete the folder and retry.")
         return cached
 
-    def _build(self, backbone, dataset, path: Path, *, flip: bool, batch_size: int, num_workers: int,
-               progress: bool) -> None:
-        if len(dataset) == 0:
-            raise ValueError(f"Dataset {dataset!r} is empty; there is nothing to cache.")
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_builds(self.cache_dir, path.name)
-        if path.exists():  # a finished-looking folder that failed to open: rebuild it rather than trust it
-            warnings.warn(f"Feature cache {path} is incomplete or inconsistent; rebuilding it.", stacklevel=3)
-            shutil.rmtree(path)
-        tmp = self.cache_dir / f"{path.name}.tmp-{os.getpid()}"
+    @staticmethod
+    def _build(job: BuildJob) -> None:
+        """One process: write every row into `<key>.tmp-<pid>/`, then publish it by a rename."""
+        prepare_folder(job)
+        plan = plan_build(job)
+        print(plan.describe(job.path.name) + f" in {job.cache_dir}", flush=True)
+        check_free_space(job.cache_dir, plan.total_bytes, f"Feature cache {job.path.name}")
+        tmp = job.cache_dir / f"{job.path.name}.tmp-{os.getpid()}"
         tmp.mkdir()
         try:
-            meta = self._write_arrays(backbone, dataset, tmp, flip=flip, batch_size=batch_size,
-                                      num_workers=num_workers, progress=progress)
-            meta.update(key=path.name, fields=key_fields(backbone, dataset, flip=flip))
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))  # written last: marks the arrays complete
-            self._publish(tmp, path)
+            with owned(tmp, run_id=str(os.getpid())), no_space_as_error(tmp, plan.total_bytes):
+                bar = tqdm(total=plan.n_images, unit="img", disable=not job.progress,
+                           desc=f"features {job.dataset.name}/{job.dataset.split}")
+                with bar:
+                    written = write_rows(job, plan, tmp, range(plan.n_images), bar)
+                # written last: marks the arrays complete
+                atomic_write_text(tmp / META_FILE, json.dumps(final_meta(job, plan, written), indent=1))
+            publish(tmp, job.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-
-    @staticmethod
-    def _publish(tmp: Path, path: Path) -> None:
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if _open(path) is None:  # not another builder's finished copy: a real failure
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    @staticmethod
-    def _write_arrays(backbone, dataset, tmp: Path, *, flip: bool, batch_size: int, num_workers: int,
-                      progress: bool) -> dict:
-        """Run the backbone over the dataset in order and fill the memmaps; returns the meta fields."""
-        n, res = len(dataset), dataset.resolution
-        # Its own generator: a DataLoader draws a seed per iterator, which would otherwise shift the global random
-        # stream on the rank that builds (and a trainer's initial weights with it).
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            generator=torch.Generator())
-        labels = None
-        if dataset.has_labels:
-            labels = np.memmap(tmp / LABELS_FILE, dtype=np.int16, mode="w+", shape=(n, res, res))
-        features, start, t0 = None, 0, time.perf_counter()
-        bar = tqdm(total=n, unit="img", desc=f"features {dataset.name}/{dataset.split}", disable=not progress)
-        with eval_mode(backbone) as device, bar:
-            for batch in loader:
-                images = batch["image"].to(device)  # (B, 3, R, R)
-                if flip:
-                    images = images.flip(-1)
-                with torch.no_grad():
-                    out = backbone(images)  # (B, C, h, w)
-                if features is None:
-                    features = np.memmap(tmp / FEATURES_FILE, dtype=np.float16, mode="w+",
-                                         shape=(n, *out.shape[1:]))
-                stop = start + out.shape[0]
-                features[start:stop] = out.detach().float().cpu().numpy().astype(np.float16)
-                if labels is not None:
-                    labels[start:stop] = batch["label"].numpy().astype(np.int16)
-                start = stop
-                bar.update(out.shape[0])
-        seconds = time.perf_counter() - t0
-        features.flush()
-        if labels is not None:
-            labels.flush()
-        return {
-            "features_shape": list(features.shape), "labels_shape": list(labels.shape) if labels is not None else None,
-            "n_images": n, "resolution": res, "flip": bool(flip), "dataset": dataset.name, "split": dataset.split,
-            "n_classes": dataset.n_classes, "class_names": list(dataset.class_names),
-            "backbone": backbone.name, "weights_id": backbone.weights_id, "features": backbone.descriptor,
-            "patch_size": getattr(backbone, "patch_size", None), "build_seconds": round(seconds, 3),
-            "images_per_s": round(n / max(seconds, 1e-9), 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }  # fmt: skip

@@ -1,17 +1,21 @@
-"""Feature cache: atomic builds, hits without backbone calls, keys that follow what determines the features."""
+"""Feature cache: atomic builds, hits without backbone calls, keys that follow what determines the features, disk
+planned before it is spent, leftovers of dead builders removed. Sharded builds: test_data_cache_shards.py."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
+import time
 
 import numpy as np
 import pytest
 import torch
 from data_fixtures import FakeBackbone, make_folder
 
-from shared.data import build_dataset
-from shared.data.feature_cache import FeatureCache, cache_key
+from shared.data import build_dataset, cache_disk, cache_files
+from shared.data.feature_cache import CacheSpaceError, FeatureCache, cache_bytes, cache_key
 
 
 @pytest.fixture
@@ -110,25 +114,6 @@ def test_unlabelled_dataset_has_no_labels_file(tmp_path):
     assert cached.labels is None and not os.path.exists(cached.path / "labels.i16")
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, data_root: str, cache_dir: str, out_dir: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        ds = build_dataset("camvid", "train", data_root=data_root, resolution=16)
-        backbone = FakeBackbone()
-        cached = FeatureCache(cache_dir).get(backbone, ds, progress=False)
-        np.save(os.path.join(out_dir, f"{rank}.npy"), np.array([backbone.images_seen, cached.features.sum()]))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-@pytest.mark.slow  # two spawned processes each import torch: ~20 s on 2 cores
-def test_under_ddp_only_rank_0_builds(tmp_path, dataset):
-    torch.multiprocessing.spawn(_ddp_worker, nprocs=2, args=(2, str(tmp_path / "init"), str(dataset.root.parent),
-                                                            str(tmp_path / "cache"), str(tmp_path)))
-    rank0, rank1 = np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy")
-    assert rank0[0] == 5 and rank1[0] == 0 and rank0[1] == rank1[1]
-
-
 def test_building_a_cache_leaves_the_global_random_stream_alone(tmp_path, dataset):
     # A trainer seeds, builds its caches (on rank 0 only under DDP), then initialises its weights: the build
     # must not consume global random numbers, or the weights would depend on whether the cache existed.
@@ -152,3 +137,68 @@ def test_crafted_cache_files_run_nothing_and_are_rebuilt(tmp_path, dataset, craf
         cached = cache.get(FakeBackbone(), dataset, progress=False)
     assert not crafted.marker.exists()
     np.testing.assert_allclose(cached.features, reference(FakeBackbone(), dataset), rtol=2e-3, atol=2e-3)
+
+
+def test_files_have_the_planned_size_and_the_plan_is_printed_first(tmp_path, dataset, capsys):
+    cached = FeatureCache(tmp_path / "cache").get(FakeBackbone(), dataset, progress=False)
+    sizes = sum((cached.path / name).stat().st_size for name in ("features.f16", "labels.i16"))
+    assert sizes == cache_bytes(5, 6, 2, 16) == 5 * 6 * 2 * 2 * 2 + 5 * 16 * 16 * 2
+    assert cache_bytes(5, 6, (2, 3), 16, labels=False) == 5 * 6 * 2 * 3 * 2
+    printed = capsys.readouterr().out
+    assert f"5 images x 6 x 2x2 x 2 B + labels 5 x 16x16 x 2 B = 2.7 KiB in {tmp_path / 'cache'}" in printed
+
+
+def test_too_little_free_space_is_refused_before_any_work(tmp_path, dataset, monkeypatch):
+    monkeypatch.setattr(cache_disk, "free_bytes", lambda folder: cache_disk.DISK_MARGIN_BYTES + 100)
+    cache, backbone = FeatureCache(tmp_path / "cache"), FakeBackbone()
+    with pytest.raises(CacheSpaceError) as caught:
+        cache.get(backbone, dataset, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and str(tmp_path / "cache") in message and "2.7 KiB" in message
+    for option in ("no flip for the training split", "five_crop=false", "use_cache=false"):
+        assert option in message
+    assert backbone.images_seen == 0 and list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_full_disk_at_allocation_is_one_line_and_leaves_no_folder(tmp_path, dataset, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    cache, backbone = FeatureCache(tmp_path / "cache"), FakeBackbone()
+    with pytest.raises(CacheSpaceError, match=r"No space left in .*\.tmp-\d+ for the feature cache") as caught:
+        cache.get(backbone, dataset, progress=False)
+    assert "\n" not in str(caught.value) and "use_cache=false" in str(caught.value)
+    assert backbone.images_seen == 0 and list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_filesystem_without_fallocate_still_builds(tmp_path, dataset, monkeypatch):
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    cached = FeatureCache(tmp_path / "cache").get(FakeBackbone(), dataset, progress=False)
+    np.testing.assert_allclose(cached.features, reference(FakeBackbone(), dataset), rtol=2e-3, atol=2e-3)
+
+
+def _leftover(cache_dir, name, host, pid, age_s):
+    folder = cache_dir / name
+    folder.mkdir(parents=True)
+    owner = folder / "owner.json"
+    owner.write_text(json.dumps({"host": host, "pid": pid, "run_id": name}))
+    os.utime(owner, (time.time() - age_s, time.time() - age_s))
+    return folder
+
+
+def test_leftovers_of_other_hosts_are_judged_by_their_heartbeat(tmp_path, dataset):
+    cache, backbone = FeatureCache(tmp_path / "cache"), FakeBackbone()
+    key = cache_key(backbone, dataset)
+    dead_pid = 2**22 + 12345
+    old = cache_files.STALE_AFTER_S + 60
+    silent = _leftover(tmp_path / "cache", f"{key}.tmp-raaaa", "other-node", 1, age_s=old)
+    beating = _leftover(tmp_path / "cache", f"{key}.tmp-rbbbb", "other-node", 1, age_s=5)
+    dead_here = _leftover(tmp_path / "cache", f"{key}.tmp-rcccc", socket.gethostname(), dead_pid, age_s=5)
+    alive_here = _leftover(tmp_path / "cache", f"{key}.tmp-rdddd", socket.gethostname(), os.getppid(), age_s=old)
+    cache.get(backbone, dataset, progress=False)
+    assert not silent.exists() and not dead_here.exists()  # no heartbeat for too long; a dead pid on this host
+    assert beating.exists() and alive_here.exists()  # a live build elsewhere; a live pid here, however quiet
