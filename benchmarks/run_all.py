@@ -51,6 +51,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("benchmarks.crf", "dense CRF: process pool vs single process"),
     ("benchmarks.metrics", "confusion histogram and Hungarian matching"),
     ("benchmarks.stego_step", "STEGO training step: cached vs uncached features"),
+    ("benchmarks.segmenter", "exported segmenter: export and load time, reload equality"),
     ("benchmarks.stego_deviations", "STEGO deviations from the original: bf16, float16 cache, CRF image, JPEG"),
 ]
 

@@ -67,14 +67,10 @@ def key_fields(backbone, dataset, *, flip: bool) -> dict:
 
 
 def cache_key(backbone, dataset, *, flip: bool = False) -> str:
-<<<<<<< HEAD
-    """Readable prefix plus a hash of `key_fields`: `dinov2_vits14-tokens-L-1-camvid_sample-train-noflip-<hash>`."""
-=======
     """Readable prefix plus a hash of `key_fields`.
 
     E.g. `dinov2_vits14-tokens-L-1-camvid_sample-train-noflip-<16 hex>`.
     """
->>>>>>> h3-sharded-cache
     fields = key_fields(backbone, dataset, flip=flip)
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     parts = [backbone.name, descriptor_id(backbone.descriptor), dataset.name, dataset.split,
