@@ -151,7 +151,8 @@ def correspondence_loss(signal: torch.Tensor, signal_aug: torch.Tensor, code: to
     against the permuted batch at grid 2 (negatives).
     """
     batch, device, size = signal.shape[0], signal.device, settings.feature_samples
-    grids = [torch.rand((batch, size, size, 2), device=device, generator=generator) * 2 - 1 for _ in range(3)]
+    grids = [torch.rand((batch, size, size, 2), device=device, dtype=signal.dtype, generator=generator) * 2 - 1
+             for _ in range(3)]
     f1, c1 = _sample(signal, grids[0]), _sample(code, grids[0])
     f2, c2 = _sample(signal, grids[1]), _sample(code, grids[1])
     f3, c3 = _sample(signal_aug, grids[2]), _sample(code_aug, grids[2])
