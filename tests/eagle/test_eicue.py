@@ -106,7 +106,8 @@ def _two_region_image(grid: int, patch: int) -> torch.Tensor:
 def test_eicue_separates_two_colour_regions(solver):
     grid = 8
     image = _two_region_image(grid, 4)
-    code = torch.ones(1, grid * grid, 5) + 0.01 * torch.randn(1, grid * grid, 5, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, grid * grid, 5, generator=torch.Generator().manual_seed(0))
+    code = torch.ones(1, grid * grid, 5) + 0.01 * noise
     vectors = eigenvectors(image, code, k=4, colour="rgb", solver=solver)  # code uninformative: colour decides
     fiedler = vectors[0, :, 1].reshape(grid, grid)
     left, right = fiedler[:, : grid // 2], fiedler[:, grid // 2:]
