@@ -148,7 +148,7 @@ def correspondence_loss(signal: torch.Tensor, signal_aug: torch.Tensor, code: to
 
     signal, signal_aug: dropped-out features (B, C, h, w) of x and x_aug; code, code_aug: their codes (B, D, h, w).
     Three independent sampling grids as the original: x_aug at grid 3 against x at grid 2 (positive), x at grid 1
-    against the permuted batch at grid 2 (negatives).
+    against the permuted batch's samples at grid 2 (negatives).
     """
     batch, device, size = signal.shape[0], signal.device, settings.feature_samples
     grids = [torch.rand((batch, size, size, 2), device=device, dtype=signal.dtype, generator=generator) * 2 - 1
@@ -159,9 +159,11 @@ def correspondence_loss(signal: torch.Tensor, signal_aug: torch.Tensor, code: to
     pos = pair_loss(f3, f2, c3, c2, settings, positive=True)
     negs = []
     for _ in range(settings.neg_samples):
+        # The partner of image b is image perm[b] read at grid row perm[b] (the samples f2, c2 are reused); the
+        # original read image perm[b] at row b. Both rows are independent uniform grids, so the loss has the
+        # same distribution, without re-sampling the full (B, C, h, w) features five times.
         perm = near_derangement(batch, generator, device)
-        negs.append(pair_loss(f1, _sample(signal[perm], grids[1]), c1, _sample(code[perm], grids[1]), settings,
-                              positive=False))
+        negs.append(pair_loss(f1, f2[perm], c1, c2[perm], settings, positive=False))
     neg = torch.stack(negs).mean() if negs else code.new_zeros(())
     total = settings.lambda_pos * pos + settings.lambda_neg * neg
     return total, {"pos": pos.detach(), "neg": neg.detach()}

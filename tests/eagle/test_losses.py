@@ -142,6 +142,11 @@ def test_correspondence_loss_combines_the_terms_with_their_weights():
     pos = _pair_reference(sample(signal_aug, grids[2]), sample(signal, grids[1]), sample(code_aug, grids[2]),
                           sample(code, grids[1]), positive=True)
     assert float(terms["pos"]) == pytest.approx(pos, rel=1e-10)
+    f1, c1 = sample(signal, grids[0]), sample(code, grids[0])
+    f2, c2 = sample(signal, grids[1]), sample(code, grids[1])
+    perms = [near_derangement(3, replay) for _ in range(5)]
+    neg = np.mean([_pair_reference(f1, f2[p], c1, c2[p], positive=False) for p in perms])
+    assert float(terms["neg"]) == pytest.approx(neg, rel=1e-10)
 
 
 def test_near_derangement_pairs_no_image_with_itself():
