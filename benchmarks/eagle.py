@@ -37,8 +37,8 @@ def laplacians(seed: int = 0, colour: str = "original") -> torch.Tensor:
         region = torch.cdist(coords, centres).argmin(1)  # (N,) Voronoi labels
         embed = torch.randn(REGIONS, CODE_DIM, generator=gen)
         codes.append(embed[region] + 0.7 * torch.randn(n, CODE_DIM, generator=gen))
-        colour = torch.randn(REGIONS, 3, generator=gen)  # in normalised units
-        images.append((colour[region] + 0.3 * torch.randn(n, 3, generator=gen)).T.reshape(3, GRID, GRID))
+        tint = torch.randn(REGIONS, 3, generator=gen)  # in normalised units
+        images.append((tint[region] + 0.3 * torch.randn(n, 3, generator=gen)).T.reshape(3, GRID, GRID))
     code, image = torch.stack(codes), torch.stack(images)
     w = code_affinity(code) + colour_affinity(grid_colours(image, (GRID, GRID), colour))
     return normalized_laplacian(w)

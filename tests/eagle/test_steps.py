@@ -131,3 +131,11 @@ def test_exported_head_equals_the_module_on_other_sizes(tmp_path):
     # alpha 4 at evaluation: the logits are 4 x the cosine similarities to the centres
     inner = modules["cluster_probe"].inner(ours["code"])
     torch.testing.assert_close(ours["cluster_logits"], 4.0 * inner)
+
+
+def test_a_keys_descriptor_the_backbone_cannot_produce_is_a_clear_error():
+    from shared.backbone import build_backbone
+    from shared.features import DescriptorError
+
+    with pytest.raises(DescriptorError, match=r"names blocks \[-20\].*12 blocks"):
+        build_backbone("dinov2_vits14", "none", features={"kind": "keys", "blocks": [-3, -2, -20]})
