@@ -78,12 +78,17 @@ def pca_directions(vectors: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pca_init_(modules: nn.ModuleDict, vectors: torch.Tensor) -> None:
-    """Both prototype sets <- the first K of the 2K principal directions (the first K of 2K are the top K)."""
+    """Both prototype sets <- the top K principal directions of vectors (N, D) (the first K of the original's 2K).
+
+    A code of fewer than K dimensions (a small base segmenter) has only D directions: the missing prototypes are
+    the opposite ends of the leading axes (-v_1, -v_2, ...), so the K prototypes stay distinct and deterministic.
+    """
     k = modules["theta_m"].weight.shape[0]
-    if vectors.shape[0] < 2 or vectors.shape[1] < k:
-        raise ValueError(f"the PCA initialisation needs more than {k} feature dimensions and 2 vectors, got "
-                         f"{tuple(vectors.shape)}; use a base segmenter with code_dim >= n_classes.")
-    directions = pca_directions(vectors, k)
+    if vectors.shape[0] < 2:
+        raise ValueError(f"the PCA initialisation needs at least 2 feature vectors, got {vectors.shape[0]}.")
+    directions = pca_directions(vectors, min(k, vectors.shape[1]))
+    while directions.shape[0] < k:
+        directions = torch.cat([directions, -directions[: k - directions.shape[0]]])
     with torch.no_grad():
         modules["theta_m"].weight.copy_(directions)
         modules["theta_r"].weight.copy_(directions)
