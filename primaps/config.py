@@ -44,6 +44,9 @@ class PrimapsConfig(RunConfig):
     # The photometric augmentations the original meant to add to both views but dropped (`train_transforms + [...]`
     # without assignment). Off for parity with the published numbers; on needs the live backbone for both views.
     photometric_augs: bool = False
+    # True (original): θ_M and θ_R read the code bilinearly upsampled to the mask grid. False: they read the code at
+    # the feature grid and their cosines are upsampled (K instead of D channels: ~D/K times cheaper on CPU).
+    upsample_features: bool = True
     label_stride: int = 1  # E- and M-step on every label_stride-th pixel of the R x R view (1 = original)
 
     # Export.

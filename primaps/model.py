@@ -28,7 +28,9 @@ class CosinePrototypes(nn.Module):
         self.weight = nn.Parameter(torch.randn(n_classes, dim))  # the direction only: the gain is fixed at 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bchw,kc->bkhw", F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+        b, c, h, w = x.shape
+        cos = F.normalize(self.weight, dim=1) @ F.normalize(x.reshape(b, c, h * w), dim=1)  # (B, K, h * w)
+        return cos.reshape(b, -1, h, w)
 
 
 class PrimapsEvalHead(nn.Module):

@@ -114,16 +114,22 @@ def em_step(modules: nn.ModuleDict, code: torch.Tensor, code_student: torch.Tens
     """E-step (majority vote of θ_M inside each pseudo-mask) and M-step (focal CE of θ_R on the second view).
 
     code, code_student (B, D, h, w); masks (B, R, R) int64 (0 = background); both heads read the code bilinearly
-    upsampled to the masks' grid (every `label_stride`-th pixel).
+    upsampled to the masks' grid (every `label_stride`-th pixel), or with `upsample_features=false` their cosines
+    are upsampled instead.
     """
     stride = cfg.label_stride
     masks = masks[:, stride // 2::stride, stride // 2::stride]
     size = tuple(masks.shape[-2:])
     n_classes = modules["theta_m"].weight.shape[0]
+    def head(name: str, x: torch.Tensor) -> torch.Tensor:
+        if cfg.upsample_features:
+            return modules[name](upsample(x, size))
+        return upsample(modules[name](x), size)
+
     with torch.no_grad():
-        predictions = modules["theta_m"](upsample(code, size)).argmax(dim=1)
+        predictions = head("theta_m", code).argmax(dim=1)
         targets = majority_vote(predictions, masks, n_classes)
-    focal = focal_cross_entropy(modules["theta_r"](upsample(code_student.detach(), size)), targets, cfg.focal_gamma)
+    focal = focal_cross_entropy(head("theta_r", code_student.detach()), targets, cfg.focal_gamma)
     linear = linear_loss(modules, code, labels, stride)
     assigned = (targets >= 0).float().mean()
     return focal + linear, {"loss/focal": focal.detach(), "loss/linear": linear.detach(),
