@@ -13,10 +13,10 @@ positions are assigned:
 The loop also stops when the assigned set has not changed over the last 3 iterations (checked from the 4th on).
 
 Deviations from the original code, all deliberate:
-- The direction is computed exactly (`scipy.linalg.eigh` of the C x C covariance, or of the n x n Gram matrix when
-  fewer positions than channels remain, top eigenpair only) instead of `torch.pca_lowrank(q=3, niter=100)`, which
-  is randomised and 10-20x slower. Its sign, which decides which end of the axis the refinement starts from, is
-  fixed by `SIGN_RULE` instead of being left to chance.
+- The direction is computed exactly, to float32 precision (`scipy.linalg.eigh` of the C x C covariance, or of the
+  n x n Gram matrix when fewer positions than channels remain, top eigenpair only) instead of
+  `torch.pca_lowrank(q=3, niter=100)`, which is randomised and about 10x slower. Its sign, which decides which
+  end of the axis the refinement starts from, is fixed by `SIGN_RULE` instead of being left to chance.
 - An iteration whose refined similarity has no positive maximum (every unassigned feature is a zero vector) adds
   no mask; the original appended a 0/0 = NaN mask. It still counts for the 3-iteration rule, so the loop ends.
 - Features without a principal direction (zero variance, e.g. constant features) skip step 1: the refinement then
@@ -49,7 +49,9 @@ def top_direction(x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor | None:
     `normed` (n, C) are the rows L2-normalised (for the sign). Exact: the top eigenpair of the centred covariance
     (C x C) or of the centred Gram matrix (n x n, mapped back through x^T) when n < C.
     """
-    centred = (x - x.mean(dim=0, keepdim=True)).double()
+    # float32 throughout: the direction is exact to float32 precision, and a float64 covariance alone would cost
+    # about as much as the eigensolver
+    centred = x.float() - x.float().mean(dim=0, keepdim=True)
     n, c = centred.shape
     small = centred @ centred.T if n < c else centred.T @ centred
     size = small.shape[0]
@@ -61,7 +63,7 @@ def top_direction(x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor | None:
     if n < c:  # Gram eigenvector u -> covariance eigenvector x^T u
         v = centred.T @ v
     v = F.normalize(v, dim=0)
-    if float(normed.double().sum(dim=0) @ v) < 0:
+    if float(normed.float().sum(dim=0) @ v) < 0:
         v = -v
     return v.to(x.dtype)
 

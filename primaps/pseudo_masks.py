@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from primaps.masks import mask_log_probs, principal_mask_proposals
@@ -99,6 +100,7 @@ def _init_worker(dataset) -> None:
     global _WORKER_DATASET
     _WORKER_DATASET = dataset
     torch.set_num_threads(1)  # one image per core: threads inside a worker would only fight each other
+    threadpool_limits(1)  # scipy's BLAS (the eigensolver) too
 
 
 def _worker_job(index: int, features: np.ndarray, params: MaskParams) -> np.ndarray:
