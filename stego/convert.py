@@ -1,6 +1,6 @@
 """Import an official STEGO checkpoint (mhamilton723/STEGO, a PyTorch Lightning `.ckpt`) as an exported segmenter.
 
-    python -m stego.convert cocostuff27_vit_base_5.ckpt out/segmenter.pt --backbone dino_vitb8 \
+    python -m stego.convert cocostuff27_vit_base_5.ckpt out/segmenter.pt2 --backbone dino_vitb8 \
         [--dataset cocostuff27] [--backbone-weights PATH | --weights-id ID] [--resolution 320] [--alpha 2]
 
 The official `LitUnsupervisedSegmenter` keeps in `state_dict`:

@@ -86,7 +86,7 @@ def reference_outputs(state, feats, alpha=2.0):
 def test_converted_segmenter_matches_the_official_head(tmp_path, nonlinear, legacy):
     state = official_state(nonlinear)
     save_lightning_ckpt(tmp_path / "official.ckpt", state, legacy=legacy)
-    out = convert(tmp_path / "official.ckpt", tmp_path / "export" / "segmenter.pt", backbone="dino_vits8",
+    out = convert(tmp_path / "official.ckpt", tmp_path / "export" / "segmenter.pt2", backbone="dino_vits8",
                   dataset="cocostuff27", weights_id="sha256-test")
     segmenter = load(out)
     feats = torch.randn(2, C, 4, 5, generator=torch.Generator().manual_seed(1))

@@ -13,7 +13,7 @@ from stego.steps import (
     apply_gradients,
     build_modules,
     build_optimizers,
-    head_outputs,
+    eval_head,
     knn_partners,
     step_losses,
 )
@@ -105,7 +105,7 @@ def _train_and_score(data, knn, steps, train_head):
         total, _ = step_losses(modules.train(), modules["head"], feats, feats_knn, labels, cfg)
         apply_gradients(total, modules, optimizers)
     with torch.no_grad():
-        out = head_outputs(modules.eval(), 2.0)(torch.from_numpy(data.features.astype(np.float32)))
+        out = eval_head(modules, 2.0).eval()(torch.from_numpy(data.features.astype(np.float32)))
     pred = F.interpolate(out["cluster_logits"], size=data.labels.shape[-2:], mode="bilinear").argmax(1)
     return segmentation_scores(pred, torch.from_numpy(data.labels.astype(np.int64)), 4)["miou"]
 
