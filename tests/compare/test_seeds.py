@@ -268,3 +268,21 @@ def test_make_compare_passes_paths_with_spaces_and_non_ascii_intact(tmp_path):
     assert call[call.index("--runs") + 1] == runs
     (call,) = _make(tmp_path, "predict", "SEGMENTER=runs/a b", "IMAGES=my photos/é", "OUT=out dir")
     assert call[call.index("--images") + 1] == "my photos/é" and call[call.index("--out") + 1] == "out dir"
+
+
+def test_demo_seeds_trains_every_method_once_per_seed(tmp_path, monkeypatch):
+    import compare.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda argv, **k: calls.append(argv) or
+                        subprocess.CompletedProcess(argv, 1))
+    runs = demo.train_methods(tmp_path, "none", "random-seed0", str(tmp_path / "cache"), True, 56,
+                              methods=["stego", "kmeans"], seeds=2)
+    assert [Path(r).name for r in runs] == ["demo_fast_seed0", "demo_fast_seed0", "demo_fast_seed1",
+                                            "demo_fast_seed1"]
+    assert [(a[a.index("--config") - 1], next(x for x in a if x.startswith("seed="))) for a in calls] == [
+        ("stego.train", "seed=0"), ("baselines.kmeans.train", "seed=0"), ("stego.train", "seed=1"),
+        ("baselines.kmeans.train", "seed=1")]
+    calls.clear()
+    one = demo.train_methods(tmp_path, "none", "random-seed0", str(tmp_path / "cache"), True, 56, methods=["stego"])
+    assert Path(one[0]).name == "demo_fast" and not any(x.startswith("seed=") for x in calls[0])
