@@ -41,7 +41,14 @@ from shared.predict_io import (
     write_index,
     write_png,
 )
-from shared.sliding_window import DEFAULT_OVERLAP, WindowAccumulator, resized_view, upsample_rows, windows
+from shared.sliding_window import (
+    DEFAULT_OVERLAP,
+    WindowAccumulator,
+    argmax_channels,
+    resized_view,
+    upsample_rows,
+    windows,
+)
 
 POSTS = ("none", "smooth", "crf")
 
@@ -142,15 +149,15 @@ def finish_job(predictor: Predictor, job: Job, probabilities: np.ndarray | None 
     started = time.perf_counter()
     height, width = job.rgb.shape[:2]
     source = torch.from_numpy(probabilities) if probabilities is not None else job.accumulator.mean(predictor.keys[0])
-    ids = upsample_rows(source, (height, width), reduce=lambda block: block.argmax(0))
+    ids = upsample_rows(source, (height, width), reduce=argmax_channels)
     coloured_ids, stored = label_image(ids, predictor.mapping)
     paths = output_paths(Path(predictor.options.out), job.name, predictor.has_variance)
     mean_variance = ""
     if predictor.has_variance:
         variance = upsample_rows(job.accumulator.mean("variance"), (height, width))[0]
         mean_variance = float(variance.mean())
-        write_png(paths["variance"], uncertainty_colormap(variance))
-    write_png(paths["overlay"], overlay(job.rgb, colorize(coloured_ids, predictor.palette)))
+        write_png(paths["variance"], uncertainty_colormap(variance), durable=False)
+    write_png(paths["overlay"], overlay(job.rgb, colorize(coloured_ids, predictor.palette)), durable=False)
     write_png(paths["labels"], stored)  # last: its presence marks the image as done
     seconds = job.seconds + time.perf_counter() - started
     return {"file": job.file, "width": width, "height": height, "seconds": round(seconds, 4),

@@ -17,7 +17,7 @@ from torch import nn
 from shared.data.transforms import normalize_image
 from shared.predict import PredictOptions, build_predictor, image_outputs, main, predict
 from shared.segmenter import save
-from shared.sliding_window import resized_size, upsample_rows, window_starts
+from shared.sliding_window import argmax_channels, resized_size, upsample_rows, window_starts
 
 C, D, K, N_CLASSES, RES, PATCH = 384, 4, 3, 2, 28, 14  # ViT-S/14 tokens; windows of 2 x 2 patches
 
@@ -115,10 +115,12 @@ def test_resized_size_short_side_to_resolution_long_side_on_the_patch_grid():
 def test_upsample_rows_equals_interpolate_and_its_chunked_argmax():
     values = torch.randn(5, 3, 7, generator=torch.Generator().manual_seed(0))
     reference = F.interpolate(values[None], size=(50, 33), mode="bilinear", align_corners=False)[0]
-    torch.testing.assert_close(upsample_rows(values, (50, 33), chunk=4), reference, rtol=1e-5, atol=1e-5)
-    ids = upsample_rows(values, (50, 33), reduce=lambda block: block.argmax(0), chunk=4)
-    assert ids.shape == (50, 33)
-    assert (ids == reference.argmax(0)).float().mean() > 0.99  # ties at ulp level may differ
+    for max_floats in (10**6, 100):  # one call, and row chunks of 4
+        torch.testing.assert_close(upsample_rows(values, (50, 33), chunk=4, max_floats=max_floats), reference,
+                                   rtol=1e-5, atol=1e-5)
+        ids = upsample_rows(values, (50, 33), reduce=argmax_channels, chunk=4, max_floats=max_floats)
+        assert ids.shape == (50, 33)
+        assert (ids == reference.argmax(0)).float().mean() > 0.99  # ties at ulp level may differ
 
 
 # ----------------------------------------------------------------------------------------------- sliding windows
