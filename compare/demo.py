@@ -1,6 +1,6 @@
 """`make demo`: train every method briefly on the bundled CamVid sample and compare them side by side.
 
-    python -m compare.demo [--out demo_output] [--weights PATH|none] [--fast]
+    python -m compare.demo [--out demo_output] [--weights PATH|none] [--fast] [--seeds N]
 
 1. Resolves pretrained DINOv2 ViT-S/14 weights (torch hub cache, else download). Where neither works it prints a
    banner saying where to put the file and goes on with random weights; the report then labels every number as
@@ -10,6 +10,9 @@
    export/segmenter.pt2 already exists for the same backbone weights and the same recipe (command line and
    config file contents). Each step prints its time.
 4. Runs the comparison and prints the table and the paths of report.md and comparison.png.
+
+`--seeds N` trains every method with seeds 0..N-1 (runs `demo_seed<k>`), which the comparison reports as mean ±
+standard deviation with paired differences; the default is one run (seed 0, run `demo`).
 
 `--fast` shrinks everything (tiny resolution, a few steps) for the test suite; its numbers mean nothing.
 """
@@ -139,11 +142,21 @@ def plan(methods: list[str], fast: bool) -> list[tuple[str, str, str]]:
 
 
 def train_methods(out: Path, weights: str, weights_id: str, cache_dir: str, fast: bool, resolution: int,
-                  methods: list[str] | None = None) -> list[str]:
-    """Train (or reuse) every method's demo run; returns the run directories, in the order of `methods`."""
+                  methods: list[str] | None = None, seeds: int = 1) -> list[str]:
+    """Train (or reuse) every method's demo run, per seed when `seeds` > 1; returns the run directories."""
+    paths = []
+    for seed in range(seeds):
+        suffix = f"_seed{seed}" if seeds > 1 else ""
+        paths += _train_seed(out, weights, weights_id, cache_dir, fast, resolution, methods, seed, suffix)
+    return paths
+
+
+def _train_seed(out: Path, weights: str, weights_id: str, cache_dir: str, fast: bool, resolution: int,
+                methods: list[str] | None, seed: int, suffix: str) -> list[str]:
+    """One seed's runs of every method, in the order of `methods` (a "+base" entry trains on this seed's base)."""
     from shared.atomic_io import atomic_write_text
 
-    run_name = (FAST if fast else FULL)["run_name"]
+    run_name = (FAST if fast else FULL)["run_name"] + suffix
     runs: dict[str, Path] = {}
     for entry, method, base in plan(methods or METHODS, fast):
         name = run_name if entry == method else f"{run_name}+{base}"
@@ -151,7 +164,7 @@ def train_methods(out: Path, weights: str, weights_id: str, cache_dir: str, fast
         config = demo_config(method, fast)
         argv = ["-m", f"{str(method_dir(method)).replace('/', '.')}.train", "--config", str(config),
                 f"name={name}", f"output_root={out / 'runs'}", f"backbone_weights={weights}", f"cache_dir={cache_dir}",
-                f"val_resolution={resolution}", "device=cpu"]
+                f"val_resolution={resolution}", "device=cpu"] + ([f"seed={seed}"] if suffix else [])
         if base:
             argv.append(f"base_segmenter={runs[base] / 'export' / 'segmenter.pt2'}")
         if fast:
@@ -173,7 +186,7 @@ def train_methods(out: Path, weights: str, weights_id: str, cache_dir: str, fast
 
 
 def run_demo(out: str | Path = "demo_output", weights: str | None = None, fast: bool = False,
-             cache_dir: str = "cache/features") -> ComparisonOutput:
+             cache_dir: str = "cache/features", seeds: int = 1) -> ComparisonOutput:
     """The whole demo; returns the comparison's output (header, results, written paths)."""
     started = time.perf_counter()
     out = Path(out).resolve()
@@ -183,7 +196,7 @@ def run_demo(out: str | Path = "demo_output", weights: str | None = None, fast: 
     weights = resolve_weights(weights)
     print(f"[demo] building feature caches in {cache_dir}", flush=True)
     weights_id = build_caches(weights, settings["resolution"], cache_dir)
-    runs = train_methods(out, weights, weights_id, cache_dir, fast, settings["resolution"])
+    runs = train_methods(out, weights, weights_id, cache_dir, fast, settings["resolution"], seeds=seeds)
     print("[demo] comparing", flush=True)
     output = run_comparison(CompareSettings(
         dataset=DATASET, runs=runs, split="val", resolution=settings["resolution"],
@@ -200,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default=None, help="DINOv2 ViT-S/14 weight file, or 'none' for random weights")
     parser.add_argument("--fast", action="store_true", help="tiny sizes and step counts (for tests)")
     parser.add_argument("--cache-dir", default="cache/features")
+    parser.add_argument("--seeds", type=int, default=1, help="train every method with seeds 0..N-1 (default 1)")
     args = parser.parse_args(argv)
-    output = run_demo(args.out, args.weights, args.fast, args.cache_dir)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    output = run_demo(args.out, args.weights, args.fast, args.cache_dir, seeds=args.seeds)
     return 0 if all(r.status == "ok" for r in output.results) else 1
 
 

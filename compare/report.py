@@ -52,7 +52,7 @@ CSV_FIELDS = (
     "method", "path", "status", "error", "backbone", "backbone_weights_id", "pretrained_backbone", "features",
     "selected_by", "probabilistic", "unsupervised_acc", "unsupervised_miou", "crf_acc", "crf_miou", "smoothed_acc",
     "smoothed_miou", "linear_acc", "linear_miou",
-    "ece", "nll", "calibration_source", "images_per_s", "peak_memory_mib",
+    "ece", "nll", "calibration_source", "images_per_s", "peak_memory_mib", "seed", "group",
 )
 
 
@@ -96,6 +96,8 @@ def flat_row(result: dict) -> dict:
         "images_per_s": result.get("images_per_s"),
         "peak_memory_mib": result.get("peak_memory_mib"),
         "status_label": "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error', '')}",
+        "seed": result.get("seed"),
+        "group": result.get("group", ""),
     }
     for kind in ("unsupervised", "crf", "smoothed", "linear"):
         row[f"{kind}_acc"] = _score(result, kind, "acc")
@@ -126,6 +128,85 @@ def markdown_table(results: Sequence[dict]) -> str:
         row = flat_row(result)
         lines.append("| " + " | ".join(format_cell(row[key], kind) for _, key, kind in TABLE_COLUMNS) + " |")
     return "\n".join(lines)
+
+
+SCORE_OF_COLUMN = {"ece_label": "ece", "nll_label": "nll"}  # text columns that show a number
+
+
+def _mean_std_cell(score: dict | None, kind: str, mark: str = "") -> str:
+    """`45.0 ± 1.2` (the mean alone for n = 1), with the column's number format; an em dash when missing."""
+    if not score:
+        return "—"
+    digits = {"pct": ".1f", "rate": ".3g", "mib": ".1f", "text": ".3f"}[kind]  # text: ECE / NLL
+    spread = f" ± {score['std']:{digits}}" if score["std"] is not None else ""
+    return f"{score['mean']:{digits}}{spread}{mark}"
+
+
+def _grouped_row(group: dict, first: dict) -> list[str]:
+    """The cells of one group's row; `first`: the flat row of its first member (for the text columns)."""
+    cells = []
+    for _, key, kind in TABLE_COLUMNS[:-1]:
+        if key == "method":
+            cells.append(format_cell(group["name"], "text"))
+        elif key in SCORE_OF_COLUMN:
+            mark = "" if first["calibration_source"] == "probabilistic" else "†"
+            cells.append(_mean_std_cell(group["scores"].get(SCORE_OF_COLUMN[key]), "text", mark))
+        elif kind == "text":
+            cells.append(format_cell(first[key], kind))
+        else:
+            cells.append(_mean_std_cell(group["scores"].get(key), kind))
+    failed = group["n_runs"] - group["n"]
+    status = "ok" if not failed else f"{failed} of {group['n_runs']} seeds FAILED"
+    return cells + [str(group["n"]), ", ".join(str(s) for s in group["seeds"]), status]
+
+
+def grouped_table(results: Sequence[dict], summary: dict) -> str:
+    """The comparison table with one row per recipe: runs that differ only in seed are one row of mean ± sample
+    standard deviation over the seeds that succeeded, with n; every other run keeps its own row (n = 1)."""
+    titles = [title for title, _, _ in TABLE_COLUMNS]
+    titles = [*titles[:-1], "n", "seeds", titles[-1]]
+    lines = ["| " + " | ".join(titles) + " |", "| " + " | ".join("---" for _ in titles) + " |"]
+    groups = {tuple(g["members"]): g for g in summary["groups"]}
+    for members in summary["units"]:
+        first = flat_row(results[members[0]])
+        if tuple(members) in groups:
+            cells = _grouped_row(groups[tuple(members)], first)
+        else:
+            single = [format_cell(first[key], kind) for _, key, kind in TABLE_COLUMNS]
+            seed = results[members[0]].get("seed")
+            cells = [*single[:-1], "1" if first["status"] == "ok" else "0", "—" if seed is None else str(seed),
+                     single[-1]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(summary: dict) -> str:
+    """Mean difference (first minus second) and its 95% t-interval per score, over the seeds both ran."""
+    from compare.seeds import PAIRED_SCORES
+
+    lines = ["| comparison | score | seeds | mean difference | 95% interval |", "| --- | --- | --- | --- | --- |"]
+    for entry in summary.get("paired", []):
+        if entry["score"] not in PAIRED_SCORES:
+            continue
+        lines.append(f"| {format_cell(entry['a'], 'text')} − {format_cell(entry['b'], 'text')} | {entry['score']} | "
+                     f"{', '.join(str(s) for s in entry['seeds'])} (n = {entry['n']}) | "
+                     f"{entry['mean_difference']:+.2f} | [{entry['ci_low']:+.2f}, {entry['ci_high']:+.2f}] |")
+    return "\n".join(lines)
+
+
+def seed_sections(results: Sequence[dict], summary: dict | None) -> list[str]:
+    """report.md's main table: the per-run table, or with seed groups the grouped table, the paired comparisons
+    and the per-seed rows."""
+    if not summary or not summary.get("groups"):
+        return [markdown_table(results), ""]
+    parts = [grouped_table(results, summary), "",
+             "Rows over several seeds: mean ± sample standard deviation (n − 1) over the n seeds that succeeded; "
+             "runs are grouped when their config.yaml differs only in seed and name.", ""]
+    if summary.get("paired"):
+        parts += ["## Paired comparisons over the same seeds", "",
+                  "Mean of the per-seed differences (first minus second, in points) and its 95% t-interval "
+                  "(t distribution with n − 1 degrees of freedom).", "", paired_table(summary), ""]
+    return parts + ["## Per-seed results", "", markdown_table(results), ""]
 
 
 def untrained_banner(header: dict) -> str:
@@ -173,13 +254,13 @@ def header_lines(header: dict) -> list[str]:
     return lines
 
 
-def render_markdown(header: dict, results: Sequence[dict]) -> str:
-    """The whole `report.md`."""
+def render_markdown(header: dict, results: Sequence[dict], seeds: dict | None = None) -> str:
+    """The whole `report.md`; `seeds`: `compare.seeds.summarize` of the results (None: one row per run)."""
     banner = untrained_banner(header)
     parts = ["# Side-by-side comparison", ""]
     if banner:
         parts += [banner, ""]
-    parts += header_lines(header) + ["", markdown_table(results), ""]
+    parts += header_lines(header) + [""] + seed_sections(results, seeds)
     failed = [r for r in results if r.get("status") != "ok"]
     if failed:
         parts += ["## Failed methods", ""]
@@ -211,12 +292,17 @@ def _json_safe(value: object) -> object:
     return value
 
 
-def write_reports(out_dir: str | Path, header: dict, results: Sequence[dict]) -> dict[str, Path]:
-    """Write report.md, results.csv and results.json into `out_dir`; returns their paths by name."""
+def write_reports(out_dir: str | Path, header: dict, results: Sequence[dict],
+                  seeds: dict | None = None) -> dict[str, Path]:
+    """Write report.md, results.csv and results.json into `out_dir`; returns their paths by name. `seeds`:
+    the seed groups and paired comparisons (`compare.seeds.summarize`), kept in results.json as "seeds"."""
     out_dir = Path(out_dir)
     payload = {"header": header, "results": list(results)}
+    if seeds is not None:
+        payload["seeds"] = {"groups": [{k: v for k, v in g.items() if k != "members"} for g in seeds["groups"]],
+                            "paired": seeds["paired"]}
     return {
-        "report": atomic_write_text(out_dir / "report.md", render_markdown(header, results)),
+        "report": atomic_write_text(out_dir / "report.md", render_markdown(header, results, seeds)),
         "csv": atomic_write_text(out_dir / "results.csv", render_csv(results)),
         "json": atomic_write_text(out_dir / "results.json", json.dumps(_json_safe(payload), indent=2) + "\n"),
     }

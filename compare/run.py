@@ -5,14 +5,20 @@
         [--backbone-weights PATH|none] [--extra-policy error|majority|drop] [--no-crf] [--out compare_output/<dataset>]
 
 Every run (a run directory holding export/segmenter.pt2, or a segmenter.pt2) is scored on the same split, resolution,
-backbone features (cached, image and flip) and metric policy. Writes report.md, results.csv, results.json and
-comparison.png into --out, and prints the table.
+backbone features (cached, image and flip) and metric policy. Runs that differ only in their seed are reported as
+one row of mean ± standard deviation, with paired comparisons over shared seeds (`compare.seeds`). Writes
+report.md, results.csv, results.json and comparison.png as one set: into a temporary folder beside --out, which
+then replaces --out as a whole, so a report and a figure from different comparisons never sit side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
+import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +36,8 @@ from compare.evaluate import (
 )
 from compare.figure import figure_indices_for, save_comparison_figure
 from compare.measure import pin_mmap_threshold
-from compare.report import markdown_table, untrained_banner, write_reports
+from compare.report import grouped_table, markdown_table, untrained_banner, write_reports
+from compare.seeds import figure_members, run_recipe, summarize
 from dinov2_patched import RANDOM_WEIGHTS_ID
 from shared import dist as sdist
 from shared.probes import ProbeRecipe
@@ -63,6 +70,64 @@ class ComparisonOutput:
     header: dict
     results: list[MethodResult]
     paths: dict[str, Path] = field(default_factory=dict)
+    seeds: dict | None = None  # compare.seeds.summarize of the rows
+    rows: list[dict] = field(default_factory=list)  # the results as written (with seed and group)
+
+
+OUTPUT_FILES = ("report.md", "results.csv", "results.json", "comparison.png")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """--out must be a new folder, or one that holds only a previous comparison (which is replaced)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; pass a folder for the report (it is created when missing).")
+    if out_dir.is_dir():
+        other = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUT_FILES)
+        if other:
+            raise ValueError(f"--out {out_dir} holds other files ({', '.join(other[:3])}), which replacing it with "
+                             "the new report would delete; pass a new or empty folder.")
+
+
+def publish_outputs(out_dir: Path, build: Callable[[Path], dict[str, Path]]) -> dict[str, Path]:
+    """Let `build` write every output into a fresh folder beside `out_dir`, then put that folder in `out_dir`'s
+    place (the old one is renamed away first and deleted after). Returns the paths under `out_dir`."""
+    check_out_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.tmp"
+    os.mkdir(staging)  # mode 0777 minus the umask, as a folder made by hand (mkdtemp would make it 0700)
+    try:
+        paths = build(staging)
+        old = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.old"
+        if out_dir.exists():
+            os.rename(out_dir, old)
+        try:
+            os.rename(staging, out_dir)
+        except OSError:
+            if old.exists():
+                os.rename(old, out_dir)  # put the previous comparison back
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return {name: out_dir / path.name for name, path in paths.items()}
+
+
+def seed_rows(methods: list[LoadedMethod], results: list[MethodResult]) -> tuple[list[dict], dict]:
+    """The result dicts with each run's seed and seed group, and `compare.seeds.summarize` of them."""
+    from compare.report import flat_row
+
+    rows = [r.to_dict() for r in results]
+    recipes, seeds = [], []
+    for m in methods:
+        recipe, seed = run_recipe(m.path, m.segmenter.metadata if m.segmenter is not None else None)
+        recipes.append(recipe)
+        seeds.append(seed)
+    summary = summarize([flat_row(row) for row in rows], recipes, seeds)
+    names = {j: g["name"] for g in summary["groups"] for j in g["members"]}
+    for j, row in enumerate(rows):
+        row.update(seed=seeds[j], group=names.get(j, ""))
+    return rows, summary
 
 
 def default_resolution(backbone_names: list[str]) -> int:
@@ -133,6 +198,8 @@ def run_comparison(settings: CompareSettings) -> ComparisonOutput:
     from shared.data import build_dataset
 
     pin_mmap_threshold()  # before any large allocation, so the per-batch peak memory does not depend on history
+    out_dir = Path(settings.out or f"compare_output/{settings.dataset}")
+    check_out_dir(out_dir)  # before the work, so a bad --out costs nothing
     device = str(sdist.resolve_device(settings.device))
     methods = load_methods(settings.runs, device)
     groups = group_by_backbone(methods, settings.allow_mixed_backbones)
@@ -162,22 +229,40 @@ def run_comparison(settings: CompareSettings) -> ComparisonOutput:
               "crf": settings.crf, "batch_size": settings.batch_size, "device": options.device,
               "runs": list(settings.runs), "figure": None,
               "linear_probe": recipe.describe() + f" (split {settings.probe_split!r})" if recipe else None}
-    out_dir = Path(settings.out or f"compare_output/{settings.dataset}")
-    paths = {}
-    if labels is not None and any(r.status == "ok" for r in results):
-        paths["figure"] = save_comparison_figure(out_dir / "comparison.png", dataset, labels, figure_indices,
-                                                 results, settings.panel)
-        header["figure"] = "comparison.png"
-    paths.update(write_reports(out_dir, header, [r.to_dict() for r in results]))
-    return ComparisonOutput(header, results, paths)
+    rows, seeds = seed_rows(methods, results)
+    shown = [results[j] for j in figure_members(seeds)]  # one seed (the first) per group
+
+    def build(folder: Path) -> dict[str, Path]:
+        paths = {}
+        if labels is not None and any(r.status == "ok" for r in shown):
+            paths["figure"] = save_comparison_figure(folder / "comparison.png", dataset, labels, figure_indices,
+                                                     shown, settings.panel)
+            header["figure"] = "comparison.png"
+        return paths | write_reports(folder, header, rows, seeds)
+
+    paths = publish_outputs(out_dir, build)
+    return ComparisonOutput(header, results, paths, seeds, rows)
+
+
+def split_runs(value: str) -> list[str]:
+    """One --runs value -> run paths: split on newlines and commas when it has any; else the value itself when it
+    is an existing path (spaces and all), else split on whitespace (the older `RUNS="a b"` form)."""
+    if "\n" in value or "," in value:
+        return [part.strip() for part in value.replace(",", "\n").splitlines() if part.strip()]
+    if not value.strip() or Path(value.strip()).exists():
+        return [value.strip()] if value.strip() else []
+    return value.split()
 
 
 def parse_args(argv: list[str] | None = None) -> CompareSettings:
     parser = argparse.ArgumentParser(prog="python -m compare.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, help="dataset name, e.g. camvid_sample")
-    parser.add_argument("--runs", nargs="+", required=True,
-                        help="run directories (holding export/segmenter.pt2) or segmenter.pt2 files; one quoted "
-                             "space-separated string works too")
+    parser.add_argument("--runs", nargs="+", default=[],
+                        help="run directories (holding export/segmenter.pt2) or segmenter.pt2 files; a value may "
+                             "list several, separated by newlines or commas (or by spaces when it is not itself an "
+                             "existing path)")
+    parser.add_argument("--run", action="append", default=[],
+                        help="one run directory or segmenter.pt2, taken as is (repeatable)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--data-root", default=None, help="default: $USS_DATA or ./data")
     parser.add_argument("--resolution", type=int, default=None, help="default: 322 for DINOv2, 320 for DINO")
@@ -195,9 +280,10 @@ def parse_args(argv: list[str] | None = None) -> CompareSettings:
     parser.add_argument("--probe-split", default="train",
                         help="split the evaluator's linear probe is fitted on; '' for no linear columns")
     args = parser.parse_args(argv)
-    runs = [part for item in args.runs for part in item.split()]
+    runs = [part for item in args.runs for part in split_runs(item)] + [r for r in args.run if r.strip()]
     if not runs:
-        parser.error("--runs is empty: name at least one run directory or segmenter.pt2")
+        parser.error("no runs: name at least one run directory or segmenter.pt2 with --runs or --run "
+                     "(make compare RUNS=...)")
     return CompareSettings(dataset=args.dataset, runs=runs, split=args.split, data_root=args.data_root,
                            resolution=args.resolution, backbone_weights=args.backbone_weights,
                            extra_policy=args.extra_policy, crf=args.crf,
@@ -211,7 +297,10 @@ def print_summary(output: ComparisonOutput) -> None:
     banner = untrained_banner(output.header)
     if banner:
         print("\n" + banner.lstrip("> "))
-    print("\n" + markdown_table([r.to_dict() for r in output.results]) + "\n")
+    if output.seeds and output.seeds["groups"]:
+        print("\n" + grouped_table(output.rows, output.seeds) + "\n")
+    else:
+        print("\n" + markdown_table([r.to_dict() for r in output.results]) + "\n")
     for name in ("report", "figure", "csv", "json"):
         if name in output.paths:
             print(f"{name}: {output.paths[name]}")
