@@ -48,6 +48,22 @@ class BoundedSpectralConv(nn.Module):
         sigma = (original * unit).sum() / (unit * unit).sum()
         return unit * torch.clamp(sigma, max=self.bound)
 
+    @torch.no_grad()
+    def converge(self, max_iterations: int = 1000, tol: float = 1e-7) -> None:
+        """Run the power iteration until sigma settles, so that the exported layer's norm is the bound (one
+        iteration per training step can leave sigma a few percent low when the top singular values are close)."""
+        parametrization = self.conv.parametrizations.weight[0]
+        mode = parametrization.training
+        parametrization.train()  # reading the weight in training mode performs one power-iteration step
+        previous = float("inf")
+        for _ in range(max_iterations):
+            unit = self.conv.weight  # one power-iteration step
+            sigma = float((self.conv.parametrizations.weight.original * unit).sum() / (unit * unit).sum())
+            if abs(sigma - previous) <= tol * max(sigma, 1e-12):
+                break
+            previous = sigma
+        parametrization.train(mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight(), self.conv.bias)
 
@@ -176,6 +192,12 @@ class PusegnetHead(nn.Module):
         self.rff = RandomFourierFeatures(projection_dim, n_random_features, lengthscale, generator)
         self.output = nn.Conv2d(n_random_features, n_clusters, kernel_size=1, bias=False)
         self.laplace = LaplacePrecision(n_random_features, ridge, precision_mode, momentum)
+
+    def converge_spectral_norm(self) -> None:
+        """Converge every layer's power iteration (called once after training, before the export)."""
+        for module in self.modules():
+            if isinstance(module, BoundedSpectralConv):
+                module.converge()
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """features (B, C, h, w) -> {hidden (B, H, h, w), logits (B, K, h, w), phi (B, R, h, w) when sngp}."""

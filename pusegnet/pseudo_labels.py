@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def _open(path: Path, shape: tuple[int, int, int], meta: dict) -> PseudoLabels |
         with np.load(path, allow_pickle=False) as data:
             labels, confidence = data["labels"], data["confidence"]
             stored = json.loads(str(data["meta"]))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
     ok = (labels.shape == shape and confidence.shape == shape and labels.dtype == np.int16
           and confidence.dtype == np.float16 and stored.get("format") == FORMAT

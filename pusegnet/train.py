@@ -203,6 +203,7 @@ def finish(cfg: PusegnetConfig, modules, data: RunData, backbone, run_dir: Path,
     barrier()
     modules.eval()
     if cfg.sngp:
+        modules["head"].converge_spectral_norm()
         modules["head"].laplace.finalize()
     n_clusters = int(data.base.metadata["n_clusters"])
     metadata = export_metadata(cfg, METHOD, backbone, n_classes=data.val_ds.n_classes, n_clusters=n_clusters,
