@@ -158,7 +158,8 @@ class LaplacePrecision(nn.Module):
 
     def variance(self, phi: torch.Tensor) -> torch.Tensor:
         """phi (B, R, h, w) -> phi^T Sigma phi (B, h, w)."""
-        return torch.einsum("brhw,rs,bshw->bhw", phi, self.covariance, phi).clamp_min(0.0)
+        flat = phi.permute(0, 2, 3, 1)  # (B, h, w, R): one (pixels x R) @ (R x R) product
+        return ((flat @ self.covariance) * flat).sum(dim=-1).clamp_min(0.0)
 
 
 def mean_field_logits(logits: torch.Tensor, variance: torch.Tensor, factor: float) -> torch.Tensor:

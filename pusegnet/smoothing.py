@@ -22,11 +22,21 @@ def neighbourhood(x: torch.Tensor, window: int) -> torch.Tensor:
     return cols.reshape(b, c, window * window, h, w)
 
 
+def neighbour_cosines(unit: torch.Tensor, window: int) -> torch.Tensor:
+    """<u_i, u_j> (B, window^2, h, w) for unit vectors u (B, C, h, w), 0 outside the image; one shifted product
+    per offset instead of unfolding all C channels (window^2 times less memory)."""
+    h, w = unit.shape[-2:]
+    r = window // 2
+    padded = F.pad(unit, (r, r, r, r))
+    return torch.stack([(padded[:, :, dy:dy + h, dx:dx + w] * unit).sum(dim=1)
+                        for dy in range(window) for dx in range(window)], dim=1)
+
+
 def smoothing_weights(features: torch.Tensor, variance: torch.Tensor, window: int, sigma: float,
                       eps: float) -> torch.Tensor:
     """w_ij (B, window^2, h, w) for every pixel i and neighbour j; 0 for neighbours outside the image."""
     unit = F.normalize(features.float(), dim=1)  # (B, C, h, w)
-    cosine = (neighbourhood(unit, window) * unit[:, :, None]).sum(dim=1)  # (B, window^2, h, w)
+    cosine = neighbour_cosines(unit, window)  # (B, window^2, h, w)
     distance2 = (2.0 - 2.0 * cosine).clamp_min(0.0)  # |a - b|^2 of unit vectors
     inside = neighbourhood(torch.ones_like(variance[:, None]), window)[:, 0]  # (B, window^2, h, w)
     confidence = 1.0 / (neighbourhood(variance[:, None], window)[:, 0] + eps)
