@@ -52,6 +52,7 @@ BENCHMARKS: list[tuple[str, str]] = [
     ("benchmarks.metrics", "confusion histogram and Hungarian matching"),
     ("benchmarks.stego_step", "STEGO training step: cached vs uncached features"),
     ("benchmarks.segmenter", "exported segmenter: export and load time, reload equality"),
+    ("benchmarks.pusegnet", "PU-SegNet: uncertainty-aware smoothing vs CRF, head throughput vs STEGO"),
     ("benchmarks.predict", "predict throughput vs the backbone alone (ViT-S/14, 322 px, STEGO head)"),
     ("benchmarks.eagle", "EAGLE EiCue eigensolvers: dense vs subset vs ARPACK, with subspace agreement"),
     ("benchmarks.primaps", "PriMaPs proposals: exact direction vs pca_lowrank per mask; pool vs one process"),
