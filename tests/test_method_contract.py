@@ -90,8 +90,10 @@ def world(tmp_path_factory, test_device):
 
     def train(method: str, name: str = "tiny", **overrides):
         base = tiny_base(method)
-        if base and ("base", base) not in trained:
-            trained[("base", base)] = module_of(base).main(tiny_config(base, root, "tiny", test_device))
+        if base:
+            if ("base", base) not in trained:
+                trained[("base", base)] = module_of(base).main(tiny_config(base, root, "base", test_device))
+            overrides.setdefault("base_segmenter", str(trained[("base", base)].export_path))
         finished = module_of(method).main(tiny_config(method, root, name, test_device, **overrides))
         trained[(method, name)] = finished
         return finished
