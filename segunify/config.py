@@ -34,8 +34,12 @@ class SegUnifyConfig(RunConfig):
     n_extra_clusters: int = 0
     n_local_sets: int = 1  # the slides' "future scope": several local sets feeding one global set
     ema: float = 0.99  # alpha of C_global <- alpha C_global + (1 - alpha) C_local
-    temperature: float = 0.1  # of the local cosine logits in the agreement cross-entropy
-    energy_weight: float = 1.0  # of the cosine k-means energy
+    # Where the centres start: "kmeans" = directions from cosine k-means on the first batch's code (lengths from the
+    # Xavier-normal draw); "xavier" = the slides' Xavier-normal draw alone. See segunify/README.md.
+    centre_init: Literal["kmeans", "xavier"] = "kmeans"
+    centre_init_iters: int = 10  # Lloyd iterations of that k-means
+    temperature: float = 1.0  # of the local cosine logits in the agreement cross-entropy
+    energy_weight: float = 10.0  # of the cosine k-means energy (the agreement term has weight 1)
     labeler_trains_compressor: bool = False  # True: the labeler's loss also reaches the compressor
     alpha: float = 2.0  # exported logits = alpha * cos(code, global centres)
 

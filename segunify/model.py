@@ -8,8 +8,9 @@ Compressor (frozen features X (B, C, h, w) -> code F (B, D, h, w)):
 
 Labeler: `n_sets` sets of K local centres (parameters, Xavier-normal initialisation, learned by gradient) and one
 set of K global centres (a buffer), moved after every optimiser step by C_global <- a C_global + (1 - a) C_local
-(the mean of the local sets when there are several). The exported head scores the code against the *global*
-centres, whose identities the agreement loss keeps stable.
+(the mean of the local sets when there are several). `start_at` points them along data directions before the
+first step (see `segunify.centres`; `centre_init: xavier` keeps the slides' random directions). The exported head
+scores the code against the *global* centres, whose identities the agreement loss keeps stable.
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ class Labeler(nn.Module):
     def global_scores(self, code: torch.Tensor) -> torch.Tensor:
         """(B, D, h, w) -> (B, K, h, w) cosines to the global centres."""
         return cosine_scores(code, self.global_centres)
+
+    @torch.no_grad()
+    def start_at(self, directions: torch.Tensor) -> None:
+        """Point every local set and the global centres along `directions` (K, D), keeping the local centres'
+        lengths (from the Xavier-normal draw); the global centres are their mean, as at construction."""
+        lengths = self.local.norm(dim=-1, keepdim=True)  # (n_sets, K, 1)
+        self.local.copy_(F.normalize(directions.to(self.local), dim=1)[None] * lengths)
+        self.global_centres.copy_(self.local.mean(0))
 
     @torch.no_grad()
     def update_global(self) -> None:

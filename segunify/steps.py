@@ -8,11 +8,14 @@ uninterrupted one exactly, with nothing but the weights, the optimisers and the 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from segunify.centres import kmeans_directions
 from segunify.config import SegUnifyConfig
 from segunify.losses import correspondence_loss, labeler_loss
 from segunify.model import Compressor, Labeler, SegUnifyEvalHead
@@ -67,6 +70,21 @@ def build_modules(cfg: SegUnifyConfig, feature_dim: int, n_classes: int) -> nn.M
         "labeler": Labeler(cfg.code_dim, n_classes + cfg.n_extra_clusters, n_sets=cfg.n_local_sets, ema=cfg.ema),
         "linear_probe": LinearProbe(cfg.code_dim, n_classes),
     })
+
+
+@torch.no_grad()
+def start_centres(modules: nn.ModuleDict, feats: torch.Tensor, cfg: SegUnifyConfig) -> None:
+    """Before the first step: point the labeler's centres along cosine k-means of the code of `feats` (B, C, h, w).
+
+    The code is that of a training-mode forward (batch statistics, as the first step will see), on a copy of the
+    compressor so that its running statistics are left alone. The same features give the same centres on every rank.
+    """
+    compressor = copy.deepcopy(modules["compressor"]).train()
+    code = compressor(feats)  # (B, D, h, w)
+    tokens = code.permute(0, 2, 3, 1).reshape(-1, code.shape[1])
+    generator = torch.Generator(device=tokens.device).manual_seed(cfg.seed)
+    labeler = modules["labeler"]
+    labeler.start_at(kmeans_directions(tokens, labeler.n_clusters, iters=cfg.centre_init_iters, generator=generator))
 
 
 def build_optimizers(cfg: SegUnifyConfig, modules: nn.ModuleDict) -> dict[str, torch.optim.Optimizer]:

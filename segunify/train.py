@@ -33,6 +33,7 @@ from segunify.steps import (
     draw_knn_partners,
     eval_head,
     set_learning_rates,
+    start_centres,
     step_generator,
     step_losses,
 )
@@ -166,6 +167,10 @@ def main(cfg: SegUnifyConfig) -> FinishedRun | dict:
             start = restore_checkpoint(load_checkpoint(resume_path), model=modules, optimizers=optimizers,
                                        method=METHOD)
             logger.write(f"resumed from {resume_path} at step {start}")
+        elif cfg.centre_init == "kmeans":  # rank 0's first batch, which every rank can compute: the same centres
+            first = BatchStream(len(data.train), cfg.batch_size, rank=0, world_size=ctx.world_size,
+                                seed=cfg.seed).batch(0)
+            start_centres(modules, read_batch(data.train, first, ctx.device, with_labels=False)[0], cfg)
         stream = BatchStream(len(data.train), cfg.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
         with StopSignal() as stop:
             for step in logger.progress(range(start, cfg.max_steps), total=cfg.max_steps - start, desc="segunify"):
