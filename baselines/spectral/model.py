@@ -23,16 +23,16 @@ class SpectralHead(nn.Module):
     """features -> {code, cluster_logits}; the eigendecomposition runs inside (torch.linalg.eigh)."""
 
     def __init__(self, centres: torch.Tensor, *, n_eigenvectors: int, n_segments: int, segment_iters: int,
-                 alpha: float) -> None:
+                 spatial_sigma: float, alpha: float) -> None:
         super().__init__()
         self.register_buffer("centres", F.normalize(centres.detach().float(), dim=1))  # (K, C)
         self.n_eigenvectors, self.n_segments, self.segment_iters = n_eigenvectors, n_segments, segment_iters
-        self.alpha = float(alpha)
+        self.spatial_sigma, self.alpha = float(spatial_sigma), float(alpha)
 
     def segments(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, h*w) segment ids."""
         return spectral_segments(features, n_eigenvectors=self.n_eigenvectors, n_segments=self.n_segments,
-                                 n_iter=self.segment_iters)
+                                 n_iter=self.segment_iters, spatial_sigma=self.spatial_sigma)
 
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         b, c, h, w = features.shape

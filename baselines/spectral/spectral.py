@@ -2,7 +2,8 @@
 
 For one image with n = h*w patch tokens (features f_i, L2-normalised):
 
-    A_ij = relu(<f_i, f_j>)  (+ an optional extra affinity, e.g. colour, at fit time only)
+    A_ij = relu(<f_i, f_j>) * G_ij  (+ an optional extra affinity, e.g. colour, at fit time only)
+    G_ij = exp(-|p_i - p_j|^2 / 2 sigma^2)          (spatial window over token positions p; sigma = 0: G = 1)
     L    = I - D^-1/2 A D^-1/2                      (normalised Laplacian, D = diag(row sums of A))
     u_i  = D^-1/2 [v_0 .. v_{m-1}]_i                (the first m eigenvectors of L, as generalised eigenvectors)
 
@@ -25,24 +26,47 @@ import torch.nn.functional as F
 DEGREE_EPS = 1e-8  # an all-zero feature vector has degree 0; its row of D^-1/2 stays finite
 
 
-def patch_affinity(features: torch.Tensor) -> torch.Tensor:
-    """relu of the cosine similarity of every pair of tokens: features (B, C, h, w) -> (B, n, n), n = h*w."""
+def token_positions(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Row-major (row, column) of the h*w tokens, divided by the longer side: (n, 2) in [0, 1)."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=dtype), torch.arange(w, device=device, dtype=dtype),
+                            indexing="ij")
+    return torch.stack([ys.flatten(), xs.flatten()], dim=1) / torch.sym_max(h, w)
+
+
+def spatial_window(h: int, w: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """exp(-|p_i - p_j|^2 / 2 sigma^2) of token positions in units of the longer side: (n, n).
+
+    Pairwise distances are written out rather than computed with `torch.cdist` (see `squared_distances`).
+    """
+    p = token_positions(h, w, device, dtype)
+    return torch.exp(-(p[:, None, :] - p[None, :, :]).square().sum(-1) / (2 * sigma ** 2))
+
+
+def patch_affinity(features: torch.Tensor, spatial_sigma: float = 0.0) -> torch.Tensor:
+    """relu of the cosine similarity of every pair of tokens: features (B, C, h, w) -> (B, n, n), n = h*w.
+
+    spatial_sigma > 0 multiplies it by a Gaussian window over token distance (sigma in units of the image's
+    longer side), so that far-apart tokens barely link: the segments become spatially coherent regions instead
+    of noisy scatterings (the feature-only stand-in for the original's colour-and-position affinity).
+    """
+    _, _, h, w = features.shape
     x = F.normalize(features.float(), dim=1).flatten(2)  # (B, C, n)
-    return torch.relu(torch.bmm(x.transpose(1, 2), x))
+    affinity = torch.relu(torch.bmm(x.transpose(1, 2), x))
+    if spatial_sigma > 0:
+        affinity = affinity * spatial_window(h, w, spatial_sigma, x.device, x.dtype)[None]
+    return affinity
 
 
 def colour_affinity(colours: torch.Tensor, sigma_colour: float, sigma_space: float) -> torch.Tensor:
     """Gaussian affinity of nearby tokens of similar colour: colours (B, 3, h, w) in [0, 1] -> (B, n, n).
 
-    exp(-|c_i - c_j|^2 / 2 sigma_colour^2) * exp(-|p_i - p_j|^2 / 2 sigma_space^2), positions p in patch units.
+    exp(-|c_i - c_j|^2 / 2 sigma_colour^2) * G_ij with the spatial window G of `spatial_window` (sigma_space in
+    units of the longer side). Fit time only: the exported program sees features, not pixels.
     """
-    b, _, h, w = colours.shape
+    _, _, h, w = colours.shape
     c = colours.float().flatten(2).transpose(1, 2)  # (B, n, 3)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=c.dtype), torch.arange(w, dtype=c.dtype), indexing="ij")
-    p = torch.stack([ys.flatten(), xs.flatten()], dim=1).to(c.device)  # (n, 2)
-    colour = torch.exp(-torch.cdist(c, c).square() / (2 * sigma_colour ** 2))
-    space = torch.exp(-torch.cdist(p, p).square() / (2 * sigma_space ** 2))
-    return colour * space[None]
+    colour = torch.exp(-(c[:, :, None, :] - c[:, None, :, :]).square().sum(-1) / (2 * sigma_colour ** 2))
+    return colour * spatial_window(h, w, sigma_space, c.device, c.dtype)[None]
 
 
 def laplacian_embedding(affinity: torch.Tensor, n_eigenvectors: int) -> torch.Tensor:
@@ -104,12 +128,12 @@ def kmeans_segments(points: torch.Tensor, n_segments: int, n_iter: int) -> torch
 
 
 def spectral_segments(features: torch.Tensor, *, n_eigenvectors: int, n_segments: int, n_iter: int,
-                      extra_affinity: torch.Tensor | None = None) -> torch.Tensor:
+                      spatial_sigma: float = 0.0, extra_affinity: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image segments of features (B, C, h, w) -> (B, n) int64 ids in [0, S); n = h*w, row-major.
 
     extra_affinity (B, n, n), e.g. `colour_weight * colour_affinity(...)`, is added to the feature affinity.
     """
-    affinity = patch_affinity(features)
+    affinity = patch_affinity(features, spatial_sigma)
     if extra_affinity is not None:
         affinity = affinity + extra_affinity
     return kmeans_segments(laplacian_embedding(affinity, n_eigenvectors), n_segments, n_iter)

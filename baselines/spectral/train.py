@@ -67,7 +67,7 @@ def segment_batch(cfg: SpectralConfig, feats: torch.Tensor, colours: torch.Tenso
         extra = cfg.colour_weight * colour_affinity(colours.to(feats.device), cfg.colour_sigma,
                                                     cfg.colour_space_sigma)
     return spectral_segments(feats, n_eigenvectors=cfg.n_eigenvectors, n_segments=cfg.n_segments,
-                             n_iter=cfg.segment_iters, extra_affinity=extra)
+                             n_iter=cfg.segment_iters, spatial_sigma=cfg.spatial_sigma, extra_affinity=extra)
 
 
 def collect_descriptors(cfg: SpectralConfig, features: np.ndarray, dataset, patch: int, device: torch.device,
@@ -136,10 +136,11 @@ def main(cfg: SpectralConfig) -> FinishedRun:
     logger.write(f"spectral: {len(descriptors)} segments from {len(train)} images ({n_empty} empty, skipped), "
                  f"K={k}, weighted inertia {clusters.inertia:.2f}")
     head = SpectralHead(clusters.centres, n_eigenvectors=cfg.n_eigenvectors, n_segments=cfg.n_segments,
-                        segment_iters=cfg.segment_iters, alpha=cfg.alpha)
+                        segment_iters=cfg.segment_iters, spatial_sigma=cfg.spatial_sigma, alpha=cfg.alpha)
     metadata = export_metadata(cfg, METHOD, backbone, n_classes=val_ds.n_classes, n_clusters=k,
                                code_dim=backbone.feature_dim, resolution=val_ds.resolution,
-                               n_segments=cfg.n_segments, n_eigenvectors=cfg.n_eigenvectors)
+                               n_segments=cfg.n_segments, n_eigenvectors=cfg.n_eigenvectors,
+                               spatial_sigma=cfg.spatial_sigma)
     example = torch.from_numpy(np.asarray(val.features[:2], dtype=np.float32))
     finished = finish_run(cfg=cfg, method=METHOD, run_dir=run_dir, head=head, example_features=example,
                           metadata=metadata, val=val, val_flip=val_flip, val_ds=val_ds, logger=logger, is_main=True,
