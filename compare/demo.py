@@ -34,7 +34,7 @@ RANDOM = "none"
 # --fast); "<method>+<base>" trains the same method on the export of the run <base> trained earlier in the list
 # (PriMaPs "+SotA"). A method whose demo config names `base_segmenter: run:<base>` gets that run's export too.
 # Adding a method = adding its name here.
-METHODS: list[str] = ["stego", "kmeans"]
+METHODS: list[str] = ["stego", "kmeans", "segunify", "spectral"]
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = {"resolution": 322, "run_name": "demo"}
