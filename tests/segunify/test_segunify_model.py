@@ -1,12 +1,11 @@
 """SegUnify modules: batch norm makes the compressor deterministic in eval mode, the EMA arithmetic of the global
-centres, where the centres start, and the exported head."""
+centres, where the centres start, and the evaluation head."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from segunify.model import Compressor, Labeler, SegUnifyEvalHead
-from shared.segmenter import load, save
 
 
 def _warmed_compressor(nonlinear: bool = True) -> Compressor:
@@ -110,14 +109,7 @@ def test_start_at_sets_directions_and_keeps_lengths():
     torch.testing.assert_close(labeler.global_centres, labeler.local.detach().mean(0))
 
 
-def _metadata(n_clusters: int, code_dim: int) -> dict:
-    return {"method": "segunify", "backbone": "dinov2_vits14", "backbone_weights_id": "random",
-            "pretrained_backbone": False, "features": {"kind": "tokens", "layer": -1}, "resolution": 56,
-            "n_classes": n_clusters, "n_clusters": n_clusters, "code_dim": code_dim, "dataset": "synthetic",
-            "probabilistic": False, "selected_by": "last"}
-
-
-def test_eval_head_scores_the_global_centres_and_exports(tmp_path):
+def test_eval_head_scores_the_global_centres():
     compressor = _warmed_compressor()
     labeler = Labeler(4, 3, ema=0.5)
     with torch.no_grad():
@@ -131,9 +123,4 @@ def test_eval_head_scores_the_global_centres_and_exports(tmp_path):
     cosines = torch.einsum("bdhw,kd->bkhw", F.normalize(code.double(), dim=1),
                            F.normalize(labeler.global_centres.double(), dim=1))
     torch.testing.assert_close(out["cluster_logits"].double(), 2.0 * cosines, rtol=1e-5, atol=1e-5)
-    assert set(out) == {"code", "cluster_logits"}
-    path = save(tmp_path / "segmenter.pt2", head, x, _metadata(3, 4))  # checks a second input size itself
-    reloaded = load(path)
-    other = torch.randn(3, 6, 2, 9)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(other)["cluster_logits"], head(other)["cluster_logits"])
+    assert set(out) == {"code", "cluster_logits"}  # the export itself is checked by the end-to-end test
