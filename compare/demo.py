@@ -37,7 +37,7 @@ RANDOM = "none"
 # --fast); "<method>+<base>" trains the same method on the export of the run <base> trained earlier in the list
 # (PriMaPs "+SotA"). A method whose demo config names `base_segmenter: run:<base>` gets that run's export too.
 # Adding a method = adding its name here.
-METHODS: list[str] = ["stego", "kmeans", "primaps", "primaps+stego", "eagle", "pusegnet"]
+METHODS: list[str] = ["stego", "kmeans", "spectral", "primaps", "primaps+stego", "eagle", "segunify", "pusegnet"]
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = {"resolution": 322, "run_name": "demo"}
