@@ -91,8 +91,8 @@ def resolve_weights(name: str, weights: str | os.PathLike | None, base_url: str 
         reason = getattr(error, "reason", None) or error
         raise WeightsNotFoundError(
             f"Weights {spec['file']} for {name} are not in {cached.parent} and downloading {url} failed "
-            f"({reason}); download the file by hand and put it in {cached.parent}/ (or pass weights=<path>, "
-            f"or weights='none' for random weights)."
+            f"({reason}); download the file by hand and put it in {cached.parent}/, or give the path of a weight "
+            "file instead ('none' gives random weights)."
         ) from error
     return cached
 
