@@ -222,7 +222,23 @@ def _evaluate(method: LoadedMethod, features: Any, flipped: Any, dataset: Any, o
     result.peak_memory_mib = measured.peak_memory_mib
     result.calibration = measured.calibration
     result.predictions, result.uncertainty = measured.predictions, measured.uncertainty
+    check_finite_result(result)
     return result
+
+
+def check_finite_result(result: MethodResult) -> None:
+    """FloatingPointError naming every column of the row that is NaN or infinite, so the row becomes `failed` with
+    that reason instead of `ok` with a NaN in the table (the head's outputs are checked while scoring)."""
+    columns = {f"{kind} {key}": (getattr(result, kind) or {}).get(key)
+               for kind in ("unsupervised", "crf", "smoothed", "linear") for key in ("acc", "miou")}
+    columns.update({f"calibration {key}": (result.calibration or {}).get(key) for key in ("ece", "nll")})
+    columns.update({"images/s": result.images_per_s, "peak memory": result.peak_memory_mib})
+    bad = {name: value for name, value in columns.items()
+           if isinstance(value, (int, float)) and not np.isfinite(value)}
+    if bad:
+        listed = ", ".join(f"{name} = {value}" for name, value in bad.items())
+        raise FloatingPointError(f"non-finite scores ({listed}); the features, the head or the labels (no labelled "
+                                 "pixel?) gave no usable number.")
 
 
 def time_backbone(backbone: torch.nn.Module, dataset: Any, n_images: int = 4, device: str = "cpu") -> float:
@@ -238,6 +254,6 @@ def time_backbone(backbone: torch.nn.Module, dataset: Any, n_images: int = 4, de
     return n / max(time.perf_counter() - start, 1e-9)
 
 
-__all__ = ["EvalOptions", "LoadedMethod", "MethodResult", "backbone_key", "evaluate_method", "failed_result",
-           "first_line", "group_by_backbone", "load_methods", "resolve_segmenter_path", "time_backbone",
-           "upsample_logits"]
+__all__ = ["EvalOptions", "LoadedMethod", "MethodResult", "backbone_key", "check_finite_result", "evaluate_method",
+           "failed_result", "first_line", "group_by_backbone", "load_methods", "resolve_segmenter_path",
+           "time_backbone", "upsample_logits"]
