@@ -71,8 +71,8 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceUnavailableError(f"device={device!r} was requested but CUDA is not available; use device=cpu or "
-                                         "auto.")
+            raise DeviceUnavailableError(f"device={device!r} was requested but CUDA is not available; use "
+                                         "device=cpu or auto.")
         return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
     if name == "cpu":
         return torch.device("cpu")

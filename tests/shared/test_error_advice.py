@@ -80,7 +80,8 @@ def cli_options() -> set[str]:
     for path in source_files():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
-                found.update(a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("--"))
+                found.update(a.value for a in node.args
+                             if isinstance(a, ast.Constant) and str(a.value).startswith("--"))
     return found
 
 
