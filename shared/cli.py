@@ -7,12 +7,12 @@
         run_cli(main)                            # any other command: main(argv) -> exit code | None
 
 Known errors are the toolkit's own (bad config, dataset layout or sample, weights, checkpoint, segmenter,
-feature descriptor, run directory, non-finite loss), plus a ValueError or FileNotFoundError raised by the
-toolkit's own code (its validation): their messages already say what is wrong and what to do, so a traceback
-would only bury them. Anything else (a bug, a library error) keeps its traceback. ``--debug`` anywhere on the
-command line, or ``USS_DEBUG=1``, shows the traceback of known errors too. A run stopped by SIGINT/SIGTERM
-(`shared.run_guard.RunInterrupted`) prints "stopped at step N; resume with --resume auto" and exits with 128 +
-the signal number (130 / 143), so a scheduler sees that it did not finish.
+feature descriptor, run directory, non-finite loss, unavailable device), plus a ValueError or FileNotFoundError
+raised by the toolkit's own code (its validation): their messages already say what is wrong and what to do, so
+a traceback would only bury them. Anything else (a bug, a library error) keeps its traceback. ``--debug``
+anywhere on the command line, or ``USS_DEBUG=1``, shows the traceback of known errors too. A run stopped by
+SIGINT/SIGTERM (`shared.run_guard.RunInterrupted`) prints "stopped at step N; resume with --resume auto" and
+exits with 128 + the signal number (130 / 143), so a scheduler sees that it did not finish.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from shared.checkpoint import CheckpointError
 from shared.config import parse_args
 from shared.config_types import ConfigError
 from shared.data.errors import BadSampleError, DatasetLayoutError
+from shared.dist import DeviceUnavailableError
 from shared.features import DescriptorError
 from shared.run_dir import RunDirError
 from shared.run_guard import NonFiniteLossError, RunInterrupted
@@ -36,7 +37,7 @@ from shared.segmenter import SegmenterFormatError
 EXIT_KNOWN_ERROR = 2
 KNOWN_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DatasetLayoutError, BadSampleError, WeightsNotFoundError, WeightsLoadError, CheckpointError,
-    SegmenterFormatError, DescriptorError, RunDirError, NonFiniteLossError,
+    SegmenterFormatError, DescriptorError, RunDirError, NonFiniteLossError, DeviceUnavailableError,
 )
 # ValueError / FileNotFoundError count as known when the toolkit's own code raised them.
 OWN_CHECKS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
