@@ -16,7 +16,9 @@ Each helper returns a ``dataclasses.field`` whose metadata holds a rule under ``
 nested sections, so an out-of-range value is a ``ConfigError`` naming the key, the value and the valid range
 before anything is built or written. A subclass that redeclares a field only to change its default keeps the
 base class's rule (rules are looked up along the MRO). Every float, with or without a rule, must be finite.
-A list or tuple value is checked element by element.
+A list or tuple value is checked element by element against a ``Range``; a ``Rule`` sees the whole value (its
+``test`` may raise ValueError to say why a value fails). ``resume_may_differ(default)`` marks a key (a folder's
+location) that may change when a run is resumed (`shared.run_start`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 from shared.config_types import ConfigError
 
 RULE_KEY = "valid"
+# Field metadata: the key may differ between a checkpoint and its resume (see shared.run_start.RESUME_MAY_DIFFER).
+RESUME_MAY_DIFFER_KEY = "resume_may_differ"
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,14 @@ class Rule:
     def ok(self, value: Any) -> bool:
         return bool(self.test(value))
 
+    def reason(self, value: Any) -> str:
+        """What was expected, and the message of a ValueError that ``test`` raised (if it did)."""
+        try:
+            self.test(value)
+        except ValueError as error:
+            return f"expected {self.description} ({str(error).rstrip('.')})"
+        return f"expected {self.description}"
+
     def describe(self) -> str:
         return self.description
 
@@ -90,10 +102,16 @@ class Rule:
         return list(self.good), list(self.bad)
 
 
-def _field(default: Any, rule: Range | Rule) -> Any:
+def _field(default: Any, rule: Range | Rule | None, **metadata: Any) -> Any:
+    metadata = {**({RULE_KEY: rule} if rule is not None else {}), **metadata}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={RULE_KEY: rule})
-    return dataclasses.field(default=default, metadata={RULE_KEY: rule})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def resume_may_differ(default: Any, rule: Range | Rule | None = None) -> Any:
+    """A field that may change when a run is resumed because it cannot change the result (a folder's location)."""
+    return _field(default, rule, **{RESUME_MAY_DIFFER_KEY: True})
 
 
 def ranged(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -172,13 +190,21 @@ def check_config(cfg: Any, prefix: str = "") -> None:
         rule = field_rule(type(cfg), field.name)
         if rule is None or value is None:
             continue
-        for item in _values(value):
-            if not rule.ok(item):
+        for item in _values(value) if isinstance(rule, Range) else [value]:
+            if not _passes(rule, item):
                 shown = f"{value!r}" if item is value else f"{value!r} (element {item!r})"
                 what = f"is out of range; valid range: {rule.describe()}" if isinstance(rule, Range) else \
-                    f"is not valid; expected {rule.describe()}"
+                    f"is not valid; {rule.reason(item).rstrip('.')}"
                 raise ConfigError(f"Config key {key!r} = {shown} {what}.")
 
 
-__all__ = ["RULE_KEY", "Range", "Rule", "NON_EMPTY", "PATH_NAME", "DEVICE", "ranged", "positive", "non_negative",
-           "probability", "checked", "non_empty", "field_rule", "check_config"]
+def _passes(rule: Range | Rule, value: Any) -> bool:
+    try:
+        return rule.ok(value)
+    except ValueError:
+        return False
+
+
+__all__ = ["RULE_KEY", "RESUME_MAY_DIFFER_KEY", "Range", "Rule", "NON_EMPTY", "PATH_NAME", "DEVICE", "ranged",
+           "positive", "non_negative", "probability", "checked", "non_empty", "resume_may_differ", "field_rule",
+           "check_config"]

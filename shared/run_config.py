@@ -4,11 +4,16 @@ keys with the paper's values as defaults; `shared.config.parse_args` reads YAML 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from shared.config_ranges import DEVICE, PATH_NAME, check_config, checked, non_empty, ranged
-from shared.features import DEFAULT_DESCRIPTOR
+from shared.config_ranges import DEVICE, PATH_NAME, Rule, check_config, checked, non_empty, ranged
+from shared.features import DEFAULT_DESCRIPTOR, canonical_descriptor
+
+# A malformed descriptor is refused when the config is read (before the run directory is made); the test raises
+# DescriptorError (a ValueError) saying what is wrong.
+DESCRIPTOR = Rule("a feature descriptor such as {kind: tokens, layer: -1}", lambda v: bool(canonical_descriptor(v)),
+                  good=(DEFAULT_DESCRIPTOR,), bad=({"kind": "foo"},))
 
 
 @dataclass
@@ -34,7 +39,7 @@ class RunConfig:
     # Backbone and the features the head reads (see shared.features).
     backbone: str = non_empty("dinov2_vits14")
     backbone_weights: str = ""  # "" = official weights, "none" = random init, else a path
-    features: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_DESCRIPTOR))
+    features: dict[str, Any] = checked(dict(DEFAULT_DESCRIPTOR), DESCRIPTOR)
     force_float32: bool = False  # disable bf16 autocast in the backbone
     cache_dir: str = non_empty("cache/features")
 

@@ -22,12 +22,13 @@ from typing import Any
 
 from shared import dist as sdist
 from shared.checkpoint import load_checkpoint, resolve_resume
-from shared.config import config_to_dict, save_resolved_config
+from shared.config import ConfigError, config_to_dict, save_resolved_config
+from shared.config_ranges import RESUME_MAY_DIFFER_KEY
 from shared.run_dir import LOCK_NAME, RunDirError, RunLockedError, check_fresh_start, run_directory, run_lock
 
 # Keys that may change when a run is resumed, because none of them changes the weights a run reaches or what it
 # exports (every other key must equal the checkpoint's). A method adds its own with field metadata
-# {RESUME_MAY_DIFFER_KEY: True} (see `resume_may_differ`).
+# {RESUME_MAY_DIFFER_KEY: True}: declare it with `shared.config_ranges.resume_may_differ(default)`.
 RESUME_MAY_DIFFER = {
     "max_steps": "training on for more (or stopping at fewer) steps is what resuming is for",
     "val_every": "validation only reads the weights; checkpoints are saved at the steps a run reaches",
@@ -42,7 +43,6 @@ RESUME_MAY_DIFFER = {
     "cache_dir": "feature caches are keyed by what they hold, so a moved cache gives the same features",
     "data_root": "where the dataset lives on this machine; the dataset and splits themselves must not change",
 }
-RESUME_MAY_DIFFER_KEY = "resume_may_differ"
 
 
 class ResumeMismatchError(RunDirError):
@@ -91,13 +91,17 @@ def resume_differences(saved: dict, cfg: Any) -> dict[str, tuple[Any, Any]]:
     return out
 
 
-def check_resume_config(cfg: Any, run_dir: Path) -> Path | None:
-    """The checkpoint ``cfg.resume`` names (None for a fresh start), after checking it was trained with the same
-    settings as ``cfg``; ResumeMismatchError listing every differing key otherwise."""
+def check_resume_config(cfg: Any, run_dir: Path, method: str | None = None) -> Path | None:
+    """The checkpoint ``cfg.resume`` names (None for a fresh start), after checking it was written by ``method``
+    and trained with the same settings as ``cfg``; ResumeMismatchError listing every differing key otherwise."""
     path = resolve_resume(cfg.resume, run_dir)
     if path is None:
         return None
-    saved = load_checkpoint(path).get("config")
+    state = load_checkpoint(path)
+    if method is not None and state.get("method") != method:
+        raise ResumeMismatchError(f"checkpoint {path} was written by method {state.get('method')!r}, not {method!r}; "
+                                  "check the --resume path.")
+    saved = state.get("config")
     if not isinstance(saved, dict):
         raise ResumeMismatchError(f"checkpoint {path} records no config, so resuming it cannot be checked; start a "
                                   "new run (another name=..., or overwrite=true).")
@@ -125,9 +129,9 @@ def clear_run_dir(run_dir: Path) -> list[str]:
     return removed
 
 
-def _prepare(cfg: Any, run_dir: Path, is_main: bool) -> None:
+def _prepare(cfg: Any, method: str, run_dir: Path, is_main: bool) -> None:
     check_fresh_start(run_dir, cfg.resume, cfg.overwrite)
-    resuming = check_resume_config(cfg, run_dir) is not None
+    resuming = check_resume_config(cfg, run_dir, method) is not None
     if is_main:
         if cfg.overwrite and not resuming:
             removed = clear_run_dir(run_dir)
@@ -138,12 +142,16 @@ def _prepare(cfg: Any, run_dir: Path, is_main: bool) -> None:
 
 
 @contextmanager
-def open_run(cfg: Any, method: str, *, is_main: bool = True) -> Iterator[Path]:
+def open_run(cfg: Any, method: str, *, is_main: bool = True, uses_base_segmenter: bool = False) -> Iterator[Path]:
     """The checked, locked run directory ``<output_root>/<method>/<dataset>/<name>`` (see the module docstring).
 
     Under DDP call it on every rank (``is_main=ctx.is_main``): rank 0 locks and writes, every rank checks, and a
-    failure on rank 0 (the lock) is raised on every rank.
+    failure on rank 0 (the lock) is raised on every rank. A method that trains on another's export passes
+    ``uses_base_segmenter=True``; for any other, a ``base_segmenter`` value is an error instead of being ignored.
     """
+    if str(getattr(cfg, "base_segmenter", "") or "").strip() and not uses_base_segmenter:
+        raise ConfigError(f"base_segmenter={cfg.base_segmenter!r} was given, but {method} does not train on another "
+                          "method's export; remove it.")
     run_dir = run_directory(cfg, method)
     with ExitStack() as stack:
         refused = None
@@ -155,7 +163,7 @@ def open_run(cfg: Any, method: str, *, is_main: bool = True) -> Iterator[Path]:
         refused = sdist.broadcast_object(refused)
         if refused is not None:
             raise RunLockedError(refused)
-        _prepare(cfg, run_dir, is_main)
+        _prepare(cfg, method, run_dir, is_main)
         sdist.barrier()
         yield run_dir
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.config_ranges import non_negative, positive, ranged
+from shared.config_ranges import non_negative, positive, ranged, resume_may_differ
 from shared.run_config import RunConfig
 from stego.losses import CorrespondenceWeights
 
@@ -13,7 +13,7 @@ from stego.losses import CorrespondenceWeights
 class StegoConfig(RunConfig):
     # Data (beyond the common keys).
     use_cache: bool = True  # False = recompute the backbone on images every step
-    nns_dir: str = ""  # "" = beside the feature cache: <cache_dir>/../nns
+    nns_dir: str = resume_may_differ("")  # "" = beside the feature cache: <cache_dir>/../nns
 
     # Head.
     code_dim: int = ranged(70, 1)

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from shared.checkpoint import make_checkpoint, save_checkpoint
-from shared.config import config_to_dict, load_config
+from shared.config import ConfigError, config_to_dict, load_config
+from shared.config_ranges import resume_may_differ
 from shared.run_config import RunConfig
 from shared.run_dir import LOCK_NAME, RunDirError, RunLockedError, run_lock
 from shared.run_start import RESUME_MAY_DIFFER, ResumeMismatchError, open_run, resume_differences
@@ -154,3 +155,32 @@ def test_a_key_the_checkpoint_lacks_is_a_difference_and_the_allowed_list_says_wh
             "val_batch_size"} <= set(RESUME_MAY_DIFFER)
     assert all(len(reason) > 20 for reason in RESUME_MAY_DIFFER.values())
 
+
+
+@dataclass
+class WithLocation(RunConfig):
+    pseudo_dir: str = resume_may_differ("")
+
+
+def test_a_field_declared_resume_may_differ_may_change_and_another_methods_checkpoint_is_refused(tmp_path):
+    first = load_config(WithLocation, None, [f"output_root={tmp_path / 'runs'}", "name=r", "pseudo_dir=/a"])
+    with open_run(first, "m") as run_dir:
+        write_checkpoint(first, run_dir)
+    moved = load_config(WithLocation, None, [f"output_root={tmp_path / 'runs'}", "name=r", "pseudo_dir=/b",
+                                             "resume=auto"])
+    with open_run(moved, "m"):
+        pass
+    other = load_config(WithLocation, None, [f"output_root={tmp_path / 'runs'}", "name=r", "pseudo_dir=/b",
+                                             f"resume={run_dir / 'checkpoints' / 'last.pt'}"])
+    with pytest.raises(ResumeMismatchError, match=r"written by method 'm', not 'other'"), open_run(other, "other"):
+        pass
+
+
+def test_a_base_segmenter_for_a_method_that_does_not_use_one_is_refused(tmp_path):
+    config = cfg(tmp_path, "base_segmenter=run:stego")
+    with pytest.raises(ConfigError, match=r"base_segmenter='run:stego' was given, but m does not train on"):
+        with open_run(config, "m"):
+            pass
+    assert not (tmp_path / "runs").exists()
+    with open_run(config, "m", uses_base_segmenter=True):
+        pass
