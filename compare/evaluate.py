@@ -11,6 +11,7 @@ is recorded as failed with the first line of its error; the others still run.
 
 from __future__ import annotations
 
+import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from compare.head_pass import head_pass, synchronize, upsample_logits
+from shared.cli import debug_requested, is_known_error
 
 SEGMENTER_RELATIVE = Path("export") / "segmenter.pt2"
 
@@ -183,14 +185,16 @@ class WithEvaluatorProbe(torch.nn.Module):
 
 def evaluate_method(method: LoadedMethod, features: Any, flipped: Any, dataset: Any, options: EvalOptions,
                     figure_indices: Sequence[int] = (), train: Any = None) -> MethodResult:
-    """Score one loaded method; any exception becomes a failed row (the traceback is printed for the user).
+    """Score one loaded method; any exception becomes a failed row (the traceback is printed unless the error is bad
+    input that `shared.cli` reports on one line, or always with --debug / USS_DEBUG=1).
     `train`: the cached training split its evaluator linear probe is fitted on (None: no linear columns)."""
     if method.segmenter is None:
         return failed_result(method, method.error)
     try:
         return _evaluate(method, features, flipped, dataset, options, figure_indices, train)
     except Exception as error:  # noqa: BLE001 - reported in the table, the comparison goes on
-        traceback.print_exc()
+        if debug_requested(sys.argv) or not is_known_error(error):
+            traceback.print_exc()  # a bug: its traceback; bad input already says what is wrong in its row
         return failed_result(method, first_line(error))
 
 

@@ -17,6 +17,8 @@ exits with 128 + the signal number (130 / 143), so a scheduler sees that it did 
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -96,9 +98,36 @@ def run_cli(fn: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -
     sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
 
 
+def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses ``kind`` and refuses values below ``low`` (and NaN / infinity), so an
+    option's range is checked like a config key's: ``parser.add_argument("--batch-size", type=at_least(1))``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        if not math.isfinite(value) or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range; valid range: >= {low}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type=`` for a finite number > 0."""
+    value = at_least(0.0, float)(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; valid range: > 0")
+    return value
+
+
 def run_trainer(main: Callable[[Any], Any], config_cls: type, argv: Sequence[str] | None = None) -> NoReturn:
     """``run_cli`` for a trainer: ``main(parse_args(config_cls, argv))``."""
     run_cli(lambda args: main(parse_args(config_cls, args)), argv)
 
 
-__all__ = ["EXIT_KNOWN_ERROR", "KNOWN_ERRORS", "is_known_error", "one_line", "run_cli", "run_trainer"]
+__all__ = ["EXIT_KNOWN_ERROR", "KNOWN_ERRORS", "at_least", "is_known_error", "one_line", "positive_float",
+           "run_cli", "run_trainer"]

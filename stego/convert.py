@@ -23,7 +23,7 @@ import torch
 
 from dinov2_patched import model_spec, weights_fingerprint
 from dinov2_patched.weights import cache_dir
-from shared.cli import run_cli
+from shared.cli import at_least, positive_float, run_cli
 from stego import safe_pickle
 from stego.model import StegoHead
 
@@ -160,8 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", help="output segmenter path, e.g. runs/stego/cocostuff27/official/export/segmenter.pt2")
     parser.add_argument("--backbone", required=True, help="backbone it was trained on, e.g. dino_vitb8 or dino_vits8")
     parser.add_argument("--dataset", default="unknown", help="dataset name for the metadata, e.g. cocostuff27")
-    parser.add_argument("--resolution", type=int, default=320, help="evaluation resolution (the original's 320)")
-    parser.add_argument("--alpha", type=float, default=2.0, help="cluster softmax temperature (the original's 2)")
+    parser.add_argument("--resolution", type=at_least(8), default=320,
+                        help="evaluation resolution (the original's 320)")
+    parser.add_argument("--alpha", type=positive_float, default=2.0,
+                        help="cluster softmax temperature (the original's 2)")
     parser.add_argument("--feature-layer", type=int, default=-1)
     parser.add_argument("--backbone-weights", default=None, help="the backbone weight file, to fingerprint it")
     parser.add_argument("--weights-id", default=None, help="use this backbone weights id instead")

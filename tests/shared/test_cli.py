@@ -133,3 +133,26 @@ def test_the_entry_points_use_run_cli():
                    "stego/convert.py", "shared/data/prepare/__main__.py"):
         tail = (REPO / module).read_text().split('if __name__ == "__main__":')[1]
         assert "run_cli(" in tail or "run_trainer(" in tail, module
+
+
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--batch-size", "0", "argument --batch-size: '0' is out of range; valid range: >= 1"),
+    ("--resolution", "0", "argument --resolution: '0' is out of range; valid range: >= 8"),
+    ("--figure-rows", "-1", "argument --figure-rows: '-1' is out of range; valid range: >= 0"),
+    ("--batch-size", "x", "argument --batch-size: expected an integer, got 'x'"),
+])
+def test_compare_options_are_range_checked(option, value, expected, capsys):
+    from compare.run import parse_args
+
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--dataset", "camvid_sample", "--runs", "a", option, value])
+    assert done.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_positive_float_and_at_least():
+    from shared.cli import at_least, positive_float
+
+    assert at_least(1)("3") == 3 and positive_float("0.5") == 0.5
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(Exception, match="out of range"):
+            positive_float(bad)
