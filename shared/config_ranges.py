@@ -15,7 +15,8 @@ Each helper returns a ``dataclasses.field`` whose metadata holds a rule under ``
 (run by ``shared.config.load_config`` and by ``RunConfig.__post_init__``) checks every field of a config and its
 nested sections, so an out-of-range value is a ``ConfigError`` naming the key, the value and the valid range
 before anything is built or written. A subclass that redeclares a field only to change its default keeps the
-base class's rule (rules are looked up along the MRO). Every float, with or without a rule, must be finite.
+base class's rule (rules are looked up along the MRO). Every float, with or without a rule, must be finite
+(unless it is the field's own infinite default, e.g. ``max_grad_norm: float = math.inf``).
 A list or tuple value is checked element by element against a ``Range``; a ``Rule`` sees the whole value (its
 ``test`` may raise ValueError to say why a value fails). ``resume_may_differ(default)`` marks a key (a folder's
 location) that may change when a run is resumed (`shared.run_start`).
@@ -185,7 +186,7 @@ def check_config(cfg: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             check_config(value, key + ".")
             continue
-        if _non_finite(value):
+        if _non_finite(value) and not (isinstance(value, float) and value == field.default):  # an inf default is meant
             raise ConfigError(f"Config key {key!r} = {value!r} is not a finite number; give a finite value.")
         rule = field_rule(type(cfg), field.name)
         if rule is None or value is None:

@@ -114,6 +114,11 @@ class Free:
 
 
 @dataclasses.dataclass
+class InfDefault:
+    max_norm: float = math.inf
+
+
+@dataclasses.dataclass
 class Layers:
     layers: list[int] = ranged([1, 2], low=0)
 
@@ -147,3 +152,10 @@ def test_range_and_rule_descriptions():
 def test_check_config_passes_the_defaults_of_every_config():
     for cls in config_classes().values():
         check_config(cls())
+
+
+def test_an_infinite_default_is_kept_but_not_given_elsewhere():
+    assert load_config(InfDefault).max_norm == math.inf
+    assert load_config(InfDefault, None, ["max_norm=.inf"]).max_norm == math.inf  # the default itself
+    with pytest.raises(ConfigError, match="'max_norm' = nan is not a finite number"):
+        load_config(InfDefault, None, ["max_norm=nan"])
