@@ -222,4 +222,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shared.cli import run_cli
+
+    run_cli(main)  # a known error: one line, exit code 2 (--debug shows the traceback)

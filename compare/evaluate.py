@@ -11,6 +11,7 @@ is recorded as failed with the first line of its error; the others still run.
 
 from __future__ import annotations
 
+import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from compare.head_pass import head_pass, synchronize, upsample_logits
+from shared.cli import debug_requested, is_known_error
 
 SEGMENTER_RELATIVE = Path("export") / "segmenter.pt2"
 
@@ -183,14 +185,16 @@ class WithEvaluatorProbe(torch.nn.Module):
 
 def evaluate_method(method: LoadedMethod, features: Any, flipped: Any, dataset: Any, options: EvalOptions,
                     figure_indices: Sequence[int] = (), train: Any = None) -> MethodResult:
-    """Score one loaded method; any exception becomes a failed row (the traceback is printed for the user).
+    """Score one loaded method; any exception becomes a failed row (the traceback is printed unless the error is bad
+    input that `shared.cli` reports on one line, or always with --debug / USS_DEBUG=1).
     `train`: the cached training split its evaluator linear probe is fitted on (None: no linear columns)."""
     if method.segmenter is None:
         return failed_result(method, method.error)
     try:
         return _evaluate(method, features, flipped, dataset, options, figure_indices, train)
     except Exception as error:  # noqa: BLE001 - reported in the table, the comparison goes on
-        traceback.print_exc()
+        if debug_requested(sys.argv) or not is_known_error(error):
+            traceback.print_exc()  # a bug: its traceback; bad input already says what is wrong in its row
         return failed_result(method, first_line(error))
 
 
@@ -222,7 +226,23 @@ def _evaluate(method: LoadedMethod, features: Any, flipped: Any, dataset: Any, o
     result.peak_memory_mib = measured.peak_memory_mib
     result.calibration = measured.calibration
     result.predictions, result.uncertainty = measured.predictions, measured.uncertainty
+    check_finite_result(result)
     return result
+
+
+def check_finite_result(result: MethodResult) -> None:
+    """FloatingPointError naming every column of the row that is NaN or infinite, so the row becomes `failed` with
+    that reason instead of `ok` with a NaN in the table (the head's outputs are checked while scoring)."""
+    columns = {f"{kind} {key}": (getattr(result, kind) or {}).get(key)
+               for kind in ("unsupervised", "crf", "smoothed", "linear") for key in ("acc", "miou")}
+    columns.update({f"calibration {key}": (result.calibration or {}).get(key) for key in ("ece", "nll")})
+    columns.update({"images/s": result.images_per_s, "peak memory": result.peak_memory_mib})
+    bad = {name: value for name, value in columns.items()
+           if isinstance(value, (int, float)) and not np.isfinite(value)}
+    if bad:
+        listed = ", ".join(f"{name} = {value}" for name, value in bad.items())
+        raise FloatingPointError(f"non-finite scores ({listed}); the features, the head or the labels (no labelled "
+                                 "pixel?) gave no usable number.")
 
 
 def time_backbone(backbone: torch.nn.Module, dataset: Any, n_images: int = 4, device: str = "cpu") -> float:
@@ -238,6 +258,6 @@ def time_backbone(backbone: torch.nn.Module, dataset: Any, n_images: int = 4, de
     return n / max(time.perf_counter() - start, 1e-9)
 
 
-__all__ = ["EvalOptions", "LoadedMethod", "MethodResult", "backbone_key", "evaluate_method", "failed_result",
-           "first_line", "group_by_backbone", "load_methods", "resolve_segmenter_path", "time_backbone",
-           "upsample_logits"]
+__all__ = ["EvalOptions", "LoadedMethod", "MethodResult", "backbone_key", "check_finite_result", "evaluate_method",
+           "failed_result", "first_line", "group_by_backbone", "load_methods", "resolve_segmenter_path",
+           "time_backbone", "upsample_logits"]

@@ -40,6 +40,7 @@ from compare.report import grouped_table, markdown_table, untrained_banner, writ
 from compare.seeds import figure_members, run_recipe, summarize
 from dinov2_patched import RANDOM_WEIGHTS_ID
 from shared import dist as sdist
+from shared.cli import at_least
 from shared.probes import ProbeRecipe
 
 
@@ -265,7 +266,7 @@ def parse_args(argv: list[str] | None = None) -> CompareSettings:
                         help="one run directory or segmenter.pt2, taken as is (repeatable)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--data-root", default=None, help="default: $USS_DATA or ./data")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 322 for DINOv2, 320 for DINO")
+    parser.add_argument("--resolution", type=at_least(8), default=None, help="default: 322 for DINOv2, 320 for DINO")
     parser.add_argument("--backbone-weights", default=None,
                         help="weights file or 'none'; default: the official file for pretrained runs")
     parser.add_argument("--extra-policy", choices=("error", "majority", "drop", "stego"), default="error")
@@ -274,9 +275,9 @@ def parse_args(argv: list[str] | None = None) -> CompareSettings:
                         help="compare runs on different backbones, each on its own features")
     parser.add_argument("--out", default=None, help="output folder (default compare_output/<dataset>)")
     parser.add_argument("--cache-dir", default="cache/features")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=at_least(1), default=16)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--figure-rows", type=int, default=4)
+    parser.add_argument("--figure-rows", type=at_least(0), default=4)
     parser.add_argument("--probe-split", default="train",
                         help="split the evaluator's linear probe is fitted on; '' for no linear columns")
     args = parser.parse_args(argv)
@@ -317,4 +318,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from shared.cli import run_cli
+
+    run_cli(main)  # a known error: one line, exit code 2 (--debug shows the traceback)

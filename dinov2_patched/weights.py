@@ -91,8 +91,8 @@ def resolve_weights(name: str, weights: str | os.PathLike | None, base_url: str 
         reason = getattr(error, "reason", None) or error
         raise WeightsNotFoundError(
             f"Weights {spec['file']} for {name} are not in {cached.parent} and downloading {url} failed "
-            f"({reason}); download the file by hand and put it in {cached.parent}/ (or pass weights=<path>, "
-            f"or weights='none' for random weights)."
+            f"({reason}); download the file by hand and put it in {cached.parent}/, or give the path of a weight "
+            "file instead ('none' gives random weights)."
         ) from error
     return cached
 
@@ -102,10 +102,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights only" in str(error).lower():
+        if "weights only" in str(error).lower() and re.search(r"GLOBAL (\S+) was not an allowed global", str(error)):
             raise WeightsLoadError(
                 f"Weight file {path} pickles {_refused_name(error)}, which loading with weights_only=True refuses (it "
                 "could run code); use the official checkpoint or re-save it as a plain state dict."
+            ) from error
+        if "weights only" in str(error).lower():  # not a pickle of tensors at all, or one with opcodes torch refuses
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+            raise WeightsLoadError(
+                f"Weight file {path} is not a plain PyTorch state dict (safe loading stopped at: "
+                f"{detail.group(1).strip() if detail else 'an unsupported pickle'}); use the official checkpoint or "
+                "re-save it as a plain state dict."
             ) from error
         raise _corrupt(path, error) from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:

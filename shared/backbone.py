@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dinov2_patched import RANDOM_WEIGHTS_ID, VisionTransformer, build_model
+from dinov2_patched.weights import WeightsNotFoundError
 from shared import dist as sdist
 from shared.features import canonical_descriptor, feature_dim
 
@@ -176,5 +177,10 @@ def build_backbone(
     """
     target = sdist.resolve_device(device, sdist.get_local_rank())  # a bad device fails before any download
     canonical_descriptor(features)  # a malformed descriptor fails before any download
-    model = build_model(name, weights).to(target)
+    try:
+        model = build_model(name, weights).to(target)
+    except WeightsNotFoundError as error:
+        # The weights are named differently at each entry point; say which, so the advice can be followed as written.
+        raise WeightsNotFoundError(f"{error} A trainer takes backbone_weights=<path> (backbone_weights=none for random "
+                                   "weights), python -m compare.run --backbone-weights, the demo --weights.") from None
     return FrozenBackbone(model, features=features, layer=layer, force_float32=force_float32)

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from shared.atomic_io import atomic_write_text
+from shared.config_ranges import check_config
 from shared.config_types import (
     ConfigError,
     TypeMismatch,
@@ -165,7 +166,8 @@ def _override_layer(cls: type, overrides: typing.Iterable[str]) -> dict:
 def load_config(config_cls: type, yaml_path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()):
     """Build ``config_cls`` from its defaults, then the YAML file ``yaml_path``, then ``key=value`` overrides.
 
-    Raises ConfigError naming the offending key (and file) for unknown keys, wrong types and missing values.
+    Raises ConfigError naming the offending key (and file) for unknown keys, wrong types and missing values, and
+    naming the key, the value and the valid range for a value outside its range (`shared.config_ranges`).
     """
     if not (dataclasses.is_dataclass(config_cls) and isinstance(config_cls, type)):
         raise TypeError(f"load_config expects a dataclass type, got {config_cls!r}.")
@@ -177,7 +179,9 @@ def load_config(config_cls: type, yaml_path: str | os.PathLike | None = None, ov
         data = {k: v for k, v in data.items() if not (k in PROVENANCE_KEYS and k not in names)}
         merged = validate_mapping(config_cls, data, "", f"config file {path}")
     merged = deep_merge(merged, _override_layer(config_cls, overrides))
-    return instantiate(config_cls, merged)
+    cfg = instantiate(config_cls, merged)
+    check_config(cfg)  # valid ranges (RunConfig checks itself too; other dataclasses are checked here)
+    return cfg
 
 
 _USAGE = "usage: [--config PATH.yaml] [--resume auto|PATH|none] [key=value ...]"

@@ -60,6 +60,10 @@ class DistContext:
     is_main: bool
 
 
+class DeviceUnavailableError(RuntimeError):
+    """The configured device does not exist on this machine (the message says which to use)."""
+
+
 def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
     """Turn a config device string into a torch.device (see the module docstring for the rules)."""
     name = str(device).strip().lower()
@@ -67,7 +71,8 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device={device!r} was requested but CUDA is not available; use device=cpu or auto.")
+            raise DeviceUnavailableError(f"device={device!r} was requested but CUDA is not available; use "
+                                         "device=cpu or auto.")
         return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
     if name == "cpu":
         return torch.device("cpu")

@@ -1,5 +1,5 @@
-"""Where a run lives and what it may build on: the run directory, and the base segmenter of a method that trains
-on another method's export (PriMaPs "+SotA", PU-SegNet).
+"""Where a run lives and what it may build on: the run directory (checked and locked while a run trains into it),
+and the base segmenter of a method that trains on another method's export (PriMaPs "+SotA", PU-SegNet).
 """
 
 from __future__ import annotations
@@ -8,14 +8,11 @@ from pathlib import Path
 
 from shared.checkpoint import last_checkpoint_path
 from shared.features import canonical_descriptor
+from shared.run_lock import LOCK_NAME, RunDirError, RunLockedError, run_lock  # noqa: F401 - part of this API
 from shared.segmenter import FILENAME, SegmenterFormatError, read_metadata
 
 EXPORT_RELATIVE = Path("export") / FILENAME
 RUN_PREFIX = "run:"
-
-
-class RunDirError(ValueError):
-    """A run directory cannot be used as asked (it holds another run, or a base segmenter is unusable)."""
 
 
 def run_directory(cfg, method: str) -> Path:
@@ -24,13 +21,14 @@ def run_directory(cfg, method: str) -> Path:
 
 
 def check_fresh_start(run_dir: Path, resume: str, overwrite: bool) -> None:
-    """A run that does not resume must not train over another run's checkpoints unless ``overwrite=true``."""
+    """A run that does not resume must not train over another run's checkpoints or export unless ``overwrite=true``.
+    """
     if str(resume).strip().lower() not in ("", "none") or overwrite:
         return
-    last = last_checkpoint_path(run_dir)
-    if last.is_file():
-        raise RunDirError(f"run directory {run_dir} already holds a run ({last}); resume it with --resume auto, pick "
-                          "another name=..., or pass overwrite=true to start afresh there.")
+    for held in (last_checkpoint_path(run_dir), run_dir / EXPORT_RELATIVE):
+        if held.is_file():
+            raise RunDirError(f"run directory {run_dir} already holds a run ({held}); resume it with --resume auto, "
+                              "pick another name=..., or pass overwrite=true to start afresh there.")
 
 
 def resolve_base_segmenter(value: str, *, output_root: str, dataset: str, name: str) -> Path | None:

@@ -8,7 +8,8 @@
             check_finite(loss, step)             # raises NonFiniteLossError before the bad step is applied
             ...
             if stop.sync():                      # any rank got SIGINT/SIGTERM (collective under DDP)
-                save the checkpoint; break
+                save the checkpoint
+                raise stop.interrupted(step)     # RunInterrupted: the CLI exits 130 (SIGINT) / 143 (SIGTERM)
 
 ``check_finite`` raises before ``backward()``/``optimizer.step()``, so the weights and the last checkpoint
 written are still good. Under DDP it agrees across ranks (a tiny all-reduce), so every rank raises together
@@ -21,6 +22,12 @@ as the same event delivered twice and ignored: under torchrun, Ctrl-C reaches ea
 through the agent, which then allows the workers 30 s to exit before killing them, so save promptly.
 The previous handlers come back on exit. Signal handlers can only
 be installed from the main thread; elsewhere StopSignal does nothing (``.requested`` stays False).
+
+A run stopped by a signal did not finish, so it must not exit with code 0 (a scheduler would take it as done):
+after saving, raise ``RunInterrupted`` (``stop.interrupted(step)``); ``shared.cli.run_cli`` prints one line,
+"stopped at step N; resume with --resume auto", and exits with 128 + the signal number. Save at the stop step
+without an extra validation: it would make the run differ from an uninterrupted one (a checkpoint chosen by
+validation at a step the uninterrupted run never validates).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import torch
 
 from shared import dist as sdist
 
-__all__ = ["NonFiniteLossError", "check_finite", "StopSignal"]
+__all__ = ["NonFiniteLossError", "RunInterrupted", "check_finite", "StopSignal"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -79,6 +86,16 @@ def _as_number(loss: Any) -> float:
     if isinstance(loss, torch.Tensor):
         return float(loss.detach().float().mean())
     return float(loss)
+
+
+class RunInterrupted(Exception):
+    """A run stopped by SIGINT/SIGTERM after saving its checkpoint; ``.exit_code`` is 128 + the signal number."""
+
+    def __init__(self, step: int, signal_name: str | None = None) -> None:
+        self.step = int(step)
+        self.signal_name = signal_name or "SIGTERM"
+        self.exit_code = 128 + int(signal.Signals[self.signal_name])
+        super().__init__(f"stopped at step {self.step} ({self.signal_name}); resume with --resume auto")
 
 
 class StopSignal:
@@ -128,6 +145,10 @@ class StopSignal:
             file=sys.stderr,
             flush=True,
         )
+
+    def interrupted(self, step: int) -> RunInterrupted:
+        """The exception to raise once the checkpoint of ``step`` is saved."""
+        return RunInterrupted(step, self.signal_name)
 
     def sync(self) -> bool:
         """``requested`` on any rank (an all-reduce under DDP: call it on every rank at the same steps)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.config_ranges import non_negative, positive, ranged, resume_may_differ
 from shared.run_config import RunConfig
 from stego.losses import CorrespondenceWeights
 
@@ -12,41 +13,43 @@ from stego.losses import CorrespondenceWeights
 class StegoConfig(RunConfig):
     # Data (beyond the common keys).
     use_cache: bool = True  # False = recompute the backbone on images every step
-    nns_dir: str = ""  # "" = beside the feature cache: <cache_dir>/../nns
+    nns_dir: str = resume_may_differ("")  # "" = beside the feature cache: <cache_dir>/../nns
 
     # Head.
-    code_dim: int = 70
-    dropout: float = 0.1
+    code_dim: int = ranged(70, 1)
+    dropout: float = ranged(0.1, 0, 1, high_open=True)  # 1 would zero every activation
     nonlinear: bool = True
 
     # Correspondence loss.
-    lambda_self: float = 0.67
-    lambda_knn: float = 0.25
-    lambda_rand: float = 0.63
+    lambda_self: float = non_negative(0.67)
+    lambda_knn: float = non_negative(0.25)
+    lambda_rand: float = non_negative(0.63)
     shift_self: float = 0.18
     shift_knn: float = 0.12
     shift_rand: float = 0.46
-    feature_samples: int = 11
-    neg_samples: int = 5
-    knn_top: int = 7  # the partner is drawn uniformly from the 7 nearest neighbours (never the image itself)
+    feature_samples: int = ranged(11, 1)
+    neg_samples: int = ranged(5, 1)
+    # The partner is drawn uniformly from the 7 nearest neighbours (never the image itself); the kNN file holds 30
+    # entries, the image itself first, so at most 29 can be drawn from.
+    knn_top: int = ranged(7, 1, 29)
     pointwise: bool = True
     zero_clamp: bool = True
     stabilize: bool = False
 
     # Optimisation: one Adam per part, no schedule.
-    lr_head: float = 5e-4
-    lr_linear: float = 5e-3
-    lr_cluster: float = 5e-3
-    batch_size: int = 16
-    max_steps: int = 5000
+    lr_head: float = positive(5e-4)
+    lr_linear: float = positive(5e-3)
+    lr_cluster: float = positive(5e-3)
+    batch_size: int = ranged(16, 1)
+    max_steps: int = ranged(5000, 1)
     # The linear probe's loss upsamples its logits to the label size (224x224), which costs more than the rest of
     # a cached step on CPU (~0.9 of 1.25 s at batch 16). Stride 4 scores every 4th label pixel in each direction
     # (56x56, still 3.5x the 16x16 feature grid); the probe is a diagnostic that never moves the head. 1 = original.
-    linear_label_stride: int = 4
+    linear_label_stride: int = ranged(4, 1)
 
     # Probes.
-    n_extra_clusters: int = 0
-    alpha: float = 2.0  # softmax temperature of the cluster probe at evaluation
+    n_extra_clusters: int = ranged(0, 0)
+    alpha: float = positive(2.0)  # softmax temperature of the cluster probe at evaluation
 
     def loss_weights(self) -> CorrespondenceWeights:
         """The λ and b values as the loss function's argument."""

@@ -1,6 +1,6 @@
 """Import an official STEGO checkpoint (mhamilton723/STEGO, a PyTorch Lightning `.ckpt`) as an exported segmenter.
 
-    python -m stego.convert cocostuff27_vit_base_5.ckpt out/segmenter.pt2 --backbone dino_vitb8 \
+    python -m stego.convert cocostuff27_vit_base_5.ckpt out/export/segmenter.pt2 --backbone dino_vitb8 \
         [--dataset cocostuff27] [--backbone-weights PATH | --weights-id ID] [--resolution 320] [--alpha 2]
 
 The official `LitUnsupervisedSegmenter` keeps in `state_dict`:
@@ -23,6 +23,7 @@ import torch
 
 from dinov2_patched import model_spec, weights_fingerprint
 from dinov2_patched.weights import cache_dir
+from shared.cli import at_least, positive_float, run_cli
 from stego import safe_pickle
 from stego.model import StegoHead
 
@@ -76,7 +77,7 @@ def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} holds no state_dict; expected an official STEGO Lightning checkpoint.")
     missing = [k for k in REQUIRED if k not in state]
     if missing:
-        raise KeyError(f"{path} lacks {missing}; is it an official STEGO checkpoint (keys net.cluster1.*, "
+        raise ValueError(f"{path} lacks {missing}; is it an official STEGO checkpoint (keys net.cluster1.*, "
                        f"cluster_probe.clusters, linear_probe.*)? Found e.g. {sorted(state)[:5]}.")
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
@@ -87,7 +88,7 @@ def head_from_official(state: dict[str, torch.Tensor]) -> StegoHead:
     code_dim, in_dim = int(weight.shape[0]), int(weight.shape[1])
     has_nonlinear = any(k in state for k in NONLINEAR)
     if has_nonlinear and not all(k in state for k in NONLINEAR):
-        raise KeyError(f"official checkpoint has part of the nonlinear branch; it needs all of {list(NONLINEAR)}.")
+        raise ValueError(f"official checkpoint has part of the nonlinear branch; it needs all of {list(NONLINEAR)}.")
     head = StegoHead(in_dim, code_dim, nonlinear=has_nonlinear)
     mapped = {"linear_branch.weight": state["net.cluster1.0.weight"],
               "linear_branch.bias": state["net.cluster1.0.bias"]}
@@ -159,20 +160,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", help="output segmenter path, e.g. runs/stego/cocostuff27/official/export/segmenter.pt2")
     parser.add_argument("--backbone", required=True, help="backbone it was trained on, e.g. dino_vitb8 or dino_vits8")
     parser.add_argument("--dataset", default="unknown", help="dataset name for the metadata, e.g. cocostuff27")
-    parser.add_argument("--resolution", type=int, default=320, help="evaluation resolution (the original's 320)")
-    parser.add_argument("--alpha", type=float, default=2.0, help="cluster softmax temperature (the original's 2)")
+    parser.add_argument("--resolution", type=at_least(8), default=320,
+                        help="evaluation resolution (the original's 320)")
+    parser.add_argument("--alpha", type=positive_float, default=2.0,
+                        help="cluster softmax temperature (the original's 2)")
     parser.add_argument("--feature-layer", type=int, default=-1)
     parser.add_argument("--backbone-weights", default=None, help="the backbone weight file, to fingerprint it")
     parser.add_argument("--weights-id", default=None, help="use this backbone weights id instead")
     args = parser.parse_args(argv)
-    try:
-        out = convert(args.ckpt, args.out, backbone=args.backbone, dataset=args.dataset, resolution=args.resolution,
-                      alpha=args.alpha, feature_layer=args.feature_layer, backbone_weights=args.backbone_weights,
-                      weights_id=args.weights_id)
-    except (FileNotFoundError, KeyError, ValueError) as error:  # bad input: one line, no traceback, exit status 1
-        raise SystemExit(f"error: {error.args[0] if error.args else error}") from error
+    out = convert(args.ckpt, args.out, backbone=args.backbone, dataset=args.dataset, resolution=args.resolution,
+                  alpha=args.alpha, feature_layer=args.feature_layer, backbone_weights=args.backbone_weights,
+                  weights_id=args.weights_id)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # bad input: one line, no traceback, exit code 2 (--debug shows the traceback)

@@ -8,8 +8,6 @@ Writes runs/kmeans/<dataset>/<name>/{config.yaml, final_metrics.json, export/seg
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,13 +16,13 @@ from torch import nn
 from baselines.kmeans.config import KMeansConfig
 from baselines.kmeans.kmeans import cosine_kmeans
 from shared.backbone import build_backbone, snap_to_patch
-from shared.config import parse_args, save_resolved_config
+from shared.cli import run_trainer
 from shared.data import build_dataset
 from shared.data.feature_cache import FeatureCache
 from shared.finish import FinishedRun, export_metadata, finish_run
 from shared.logger import RunLogger
 from shared.probes import LinearProbe
-from shared.run_dir import check_fresh_start, run_directory
+from shared.run_start import open_run
 from shared.seed import seed_everything
 
 METHOD = "kmeans"
@@ -84,11 +82,13 @@ def fit_linear_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, s
 
 
 def main(cfg: KMeansConfig) -> FinishedRun:
+    # open_run: the run directory, locked for the run, checked (no fresh start over another run), config.yaml.
+    with open_run(cfg, METHOD) as run_dir:
+        return fit(cfg, run_dir)
+
+
+def fit(cfg: KMeansConfig, run_dir) -> FinishedRun:
     seed_everything(cfg.seed, cfg.deterministic)
-    run_dir = run_directory(cfg, METHOD)
-    check_fresh_start(run_dir, cfg.resume, cfg.overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(cfg, run_dir)
     logger = RunLogger(run_dir)
     device = "cpu"  # k-means on a sample of patch vectors is cheap; the feature cache does the heavy lifting
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights or None, features=cfg.features,
@@ -126,4 +126,4 @@ def main(cfg: KMeansConfig) -> FinishedRun:
 
 
 if __name__ == "__main__":
-    main(parse_args(KMeansConfig, sys.argv[1:]))
+    run_trainer(main, KMeansConfig)

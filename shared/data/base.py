@@ -45,7 +45,8 @@ def read_rgb(path: Path) -> np.ndarray:
             im.load()  # decodes every byte, so truncation is found here and not later in a worker
             return np.asarray(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as err:
-        raise BadSampleError(f"Cannot read image {path} ({err}); re-extract it or pass on_bad='skip'.") from err
+        raise BadSampleError(f"Cannot read image {path} ({err}); re-extract it, or delete it (and its label) from "
+                             "the split.") from err
 
 
 def read_label_png(path: Path) -> np.ndarray:
@@ -55,7 +56,8 @@ def read_label_png(path: Path) -> np.ndarray:
             im.load()
             raw = np.asarray(im)
     except (OSError, SyntaxError, ValueError) as err:
-        raise BadSampleError(f"Cannot read label {path} ({err}); re-extract it or pass on_bad='skip'.") from err
+        raise BadSampleError(f"Cannot read label {path} ({err}); re-extract it, or delete it (and its image) from "
+                             "the split.") from err
     if raw.ndim != 2:
         raise BadSampleError(f"Label {path} has shape {raw.shape}; expected a single-channel (H, W) map of class ids.")
     return raw.astype(np.int64)
@@ -66,7 +68,8 @@ def map_label(raw: np.ndarray, lut: np.ndarray, path: Path, beyond: int | None =
     if raw.size and (raw.min() < 0 or (beyond is None and raw.max() >= len(lut))):
         bad = raw[(raw < 0) | (raw >= len(lut))]
         raise BadSampleError(f"Label {path} contains id {int(bad[0])}, outside the known ids of this dataset; "
-                             "re-create the file from the official release or pass on_bad='skip'.")
+                             "re-create the file from the official release, or delete it (and its image) from the "
+                             "split.")
     clipped = np.clip(raw, 0, len(lut) - 1)
     out = lut[clipped]
     if beyond is not None:
@@ -74,8 +77,8 @@ def map_label(raw: np.ndarray, lut: np.ndarray, path: Path, beyond: int | None =
     if (out == INVALID).any():
         unknown = sorted(set(np.unique(raw[out == INVALID]).tolist()))
         raise BadSampleError(f"Label {path} contains ids {unknown[:10]}, which this dataset does not define; "
-                             "check n_classes / ignore_id (folder datasets), re-create the file, "
-                             "or pass on_bad='skip'.")
+                             "check the folder dataset's classes.txt and ignore id 255, re-create the file, or "
+                             "delete it (and its image) from the split.")
     return out
 
 

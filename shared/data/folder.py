@@ -16,10 +16,28 @@ CAMVID_CLASSES = (
 BUNDLED_ROOT = Path(__file__).parent / "bundled" / "camvid_sample"
 
 
+CLASSES_FILE = "classes.txt"
+
+
+def read_class_names(root: Path, label_dir: Path) -> tuple[str, ...]:
+    """The class names in ``<root>/classes.txt`` (one per line, class id 0 first; blank lines ignored), so a labelled
+    folder dataset works from a config file, where no n_classes can be passed."""
+    path = root / CLASSES_FILE
+    if not path.is_file():
+        raise DatasetLayoutError(f"{label_dir} holds labels but {path} is missing; write the class names into it, one "
+                                 "per line with class id 0 first (in Python you may pass n_classes= to "
+                                 "build_dataset('folder', ...) instead).")
+    names = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not names:
+        raise DatasetLayoutError(f"{path} names no class; write the class names into it, one per line.")
+    return names
+
+
 class FolderDataset(SegmentationDataset):
     """Generic folder dataset. Labels are uint8/uint16 ids 0..n_classes-1; `ignore_id` -> -1; others are errors.
 
-    Without `<root>/labels/<split>/` the dataset is unlabelled (labels all -1, has_labels False).
+    Without `<root>/labels/<split>/` the dataset is unlabelled (labels all -1, has_labels False). With labels, the
+    classes come from `n_classes` / `class_names`, else from `<root>/classes.txt` (one name per line).
     """
 
     name = "folder"
@@ -42,7 +60,8 @@ class FolderDataset(SegmentationDataset):
             samples.append((f"images/{split}/{image.name}", f"labels/{split}/{label.name}" if label_dir.is_dir()
                             else None))
         if label_dir.is_dir() and n_classes is None and type(self).n_classes == 0:
-            raise ValueError(f"{label_dir} holds labels: pass n_classes= to build_dataset('folder', ...).")
+            class_names = class_names or read_class_names(self.root, label_dir)
+            n_classes = len(class_names)
         if n_classes is not None:
             self.n_classes = int(n_classes)
         self.ignore_id = int(ignore_id)

@@ -23,7 +23,8 @@ def read_mat_key(path: Path, key: str) -> np.ndarray:
     try:
         content = scipy.io.loadmat(str(path))
     except Exception as err:  # scipy raises several unrelated types for corrupt files
-        raise BadSampleError(f"Cannot read {path} ({err}); re-create it or pass on_bad='skip'.") from err
+        raise BadSampleError(f"Cannot read {path} ({err}); re-create it, or delete it (and its image or label) "
+                             "from the split.") from err
     if key not in content:
         keys = sorted(k for k in content if not k.startswith("__"))
         raise BadSampleError(f"{path} has no key {key!r} (keys: {keys}); expected a Potsdam .mat with {key!r}.")

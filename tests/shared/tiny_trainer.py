@@ -39,7 +39,8 @@ from shared.checkpoint import (  # noqa: E402
     restore_checkpoint,
     save_checkpoint,
 )
-from shared.config import parse_args, save_resolved_config  # noqa: E402
+from shared.cli import run_trainer  # noqa: E402
+from shared.config import save_resolved_config  # noqa: E402
 from shared.dist import (  # noqa: E402
     DistContext,
     all_reduce_mean,
@@ -154,7 +155,8 @@ def train(cfg: TinyConfig, ctx: DistContext, stop: StopSignal) -> None:
         if stop.sync():
             save()
             log.write(f"stopped by {stop.signal_name or 'signal'} at step {step}; checkpoint saved")
-            break
+            log.close()
+            raise stop.interrupted(step)  # the run did not finish: run_cli exits 128 + signal
     # The collective helpers in a real job: rank r contributes r + 1; rank 0's object reaches every rank.
     rank_sum = all_reduce_sum(torch.tensor([ctx.rank + 1.0])).item()
     if broadcast_object({"from": ctx.rank})["from"] != 0:
@@ -175,4 +177,4 @@ def main(cfg: TinyConfig) -> int:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    sys.exit(main(parse_args(TinyConfig)))
+    run_trainer(main, TinyConfig)

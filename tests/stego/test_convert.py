@@ -2,6 +2,7 @@
 crafted checkpoint runs no code."""
 
 import collections
+import re
 import subprocess
 import sys
 import types
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from shared.cli import run_cli
 from shared.segmenter import load
 from stego.convert import UnsafeCheckpointError, convert, main
 
@@ -127,14 +129,15 @@ def test_a_pickled_callable_beside_valid_weights_is_refused(tmp_path, legacy):
     assert not marker.exists() and not (tmp_path / "seg.pt").exists()
 
 
-def test_a_crafted_file_runs_nothing_and_the_cli_exits_with_one_line(tmp_path, crafted_file):
+def test_a_crafted_file_runs_nothing_and_the_cli_exits_with_one_line(tmp_path, crafted_file, capsys):
     crafted = crafted_file("crafted.ckpt", {"state_dict": official_state(), "epoch": 3})
     with pytest.raises(UnsafeCheckpointError) as error:
         convert(crafted.path, tmp_path / "seg.pt", backbone="dino_vits8", weights_id="x")
     assert_refused(error.value, crafted.path, "__builtin__.")  # getattr (for Path.touch) or eval
     with pytest.raises(SystemExit) as exit_info:
-        main([str(crafted.path), str(tmp_path / "seg.pt"), "--backbone", "dino_vits8", "--weights-id", "x"])
-    assert str(exit_info.value.code).startswith(f"error: STEGO checkpoint {crafted.path} pickles __builtin__.")
+        run_cli(main, [str(crafted.path), str(tmp_path / "seg.pt"), "--backbone", "dino_vits8", "--weights-id", "x"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: STEGO checkpoint {crafted.path} pickles __builtin__.")
     assert not crafted.marker.exists() and not (tmp_path / "seg.pt").exists()
 
 
@@ -144,7 +147,7 @@ def test_cli_process_exits_non_zero_on_a_legacy_file_whose_magic_number_is_a_pay
     done = subprocess.run([sys.executable, "-m", "stego.convert", str(crafted.path), str(tmp_path / "seg.pt"),
                            "--backbone", "dino_vits8", "--weights-id", "x"], capture_output=True, text=True,
                           cwd=REPO, timeout=300)
-    assert done.returncode == 1 and done.stderr.startswith(f"error: STEGO checkpoint {crafted.path} pickles")
+    assert done.returncode == 2 and done.stderr.startswith(f"error: STEGO checkpoint {crafted.path} pickles")
     assert len(done.stderr.strip().splitlines()) == 1
     assert not crafted.marker.exists() and not (tmp_path / "seg.pt").exists()
 
@@ -156,11 +159,11 @@ def test_bare_state_dict_and_cli(tmp_path, capsys):
     assert load(tmp_path / "seg.pt").metadata["method"] == "stego"
 
 
-def test_missing_keys_and_wrong_backbone_are_clear_errors(tmp_path):
+def test_missing_keys_and_wrong_backbone_are_clear_errors(tmp_path, capsys):
     state = official_state()
     del state["cluster_probe.clusters"]
     torch.save({"state_dict": state}, tmp_path / "broken.ckpt")
-    with pytest.raises(KeyError, match="cluster_probe.clusters"):
+    with pytest.raises(ValueError, match="cluster_probe.clusters"):
         convert(tmp_path / "broken.ckpt", tmp_path / "a.pt", backbone="dino_vits8", weights_id="x")
     torch.save({"state_dict": official_state()}, tmp_path / "ok.ckpt")
     with pytest.raises(ValueError, match="384-channel features but dino_vitb8 gives 768"):
@@ -168,5 +171,10 @@ def test_missing_keys_and_wrong_backbone_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert(tmp_path / "nope.ckpt", tmp_path / "c.pt", backbone="dino_vits8")
     (tmp_path / "cut.ckpt").write_bytes((tmp_path / "ok.ckpt").read_bytes()[:500])
-    with pytest.raises(SystemExit, match=r"^error: STEGO checkpoint .*cut.ckpt is not a readable PyTorch file"):
-        main([str(tmp_path / "cut.ckpt"), str(tmp_path / "d.pt"), "--backbone", "dino_vits8", "--weights-id", "x"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [str(tmp_path / "cut.ckpt"), str(tmp_path / "d.pt"), "--backbone", "dino_vits8", "--weights-id",
+                       "x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.match(r"^error: STEGO checkpoint .*cut.ckpt is not a readable PyTorch file", err), err
+    assert len(err.strip().splitlines()) == 1

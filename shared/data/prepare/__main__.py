@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from shared.cli import run_cli
 from shared.data.prepare import camvid, cityscapes, cocostuff, five_crop, knn, potsdam
 
 COMMANDS = {
@@ -28,4 +29,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a known error: one line, exit code 2 (--debug shows the traceback)

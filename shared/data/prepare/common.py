@@ -16,9 +16,13 @@ from tqdm import tqdm
 from shared.atomic_io import atomic_open, atomic_path
 
 
+class PrepareError(ValueError):
+    """A preparation command cannot go on; the message names the file or option and what to do."""
+
+
 def fail(message: str) -> None:
-    """Stop a preparation command with one clear sentence (no traceback)."""
-    raise SystemExit(f"error: {message}")
+    """Stop a preparation command with one clear sentence (the CLI prints it on one line, exit code 2)."""
+    raise PrepareError(message)
 
 
 @contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from shared.cli import at_least
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True)
@@ -14,10 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="dinov2_vits14")
     parser.add_argument("--weights", default=None, help="checkpoint path, 'none' for random, default official")
     parser.add_argument("--layer", type=int, default=-1)
-    parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--k", type=int, default=30)
+    parser.add_argument("--resolution", type=at_least(8), default=224)
+    parser.add_argument("--k", type=at_least(1), default=30)
     parser.add_argument("--five-crop", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=at_least(1), default=16)
     parser.add_argument("--device", default="cpu")
 
 

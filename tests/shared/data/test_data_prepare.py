@@ -16,6 +16,7 @@ from PIL import Image
 
 from shared.data import build_dataset
 from shared.data.prepare.__main__ import main
+from shared.data.prepare.common import PrepareError
 
 
 def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -46,7 +47,7 @@ def test_prepare_cocostuff_from_official_archives(tmp_path):
     _, label = ds.load_raw(0)
     assert label[0, ::4].tolist() == [9, 11, -1] and label[4, ::4].tolist() == [23, 26, 7]
     assert not (tmp_path / "data" / "cocostuff" / "annotations" / "train2017").exists()
-    with pytest.raises(SystemExit, match="train2017.zip"):
+    with pytest.raises(PrepareError, match="train2017.zip"):
         main(["cocostuff", "--src", str(src), "--dst", str(tmp_path / "data"), "--splits", "train2017"])
 
 
@@ -227,7 +228,7 @@ def test_a_failed_rerun_keeps_the_previous_split(tmp_path):
     before = val_files()
     argv = camvid_source(tmp_path, 2)(tmp_path / "data")  # a.png changes, then c.png lacks its label
     (tmp_path / "CamVid" / "valannot" / "c.png").unlink()
-    with pytest.raises(SystemExit, match="c.png is missing"):
+    with pytest.raises(PrepareError, match="c.png is missing"):
         main(argv)
     assert val_files() == before  # neither the new a.png nor a partial folder
 
@@ -239,6 +240,6 @@ def test_a_source_inside_a_replaced_folder_is_refused(tmp_path):
     for archive in (tmp_path / "src").iterdir():
         shutil.move(archive, inside / archive.name)
     argv[argv.index("--src") + 1] = str(inside)
-    with pytest.raises(SystemExit, match="lies inside .*val2017, which this command replaces"):
+    with pytest.raises(PrepareError, match="lies inside .*val2017, which this command replaces"):
         main(argv)
     assert sorted(p.name for p in inside.iterdir()) == ["stuffthingmaps_trainval2017.zip", "val2017.zip"]
