@@ -74,7 +74,8 @@ def shard_rows(n_images: int, batch_size: int, world: int) -> list[range]:
 
 
 def dataset_fingerprint(dataset) -> dict:
-    """What must agree across ranks: the files (names and sizes, not the root), count, split and view."""
+    """What must agree across ranks: the files (names, sizes and modification times, not the root), count, split
+    and view."""
     return {"cache_id": dataset.cache_id, "n_images": len(dataset)}
 
 
@@ -183,7 +184,8 @@ def _check_same_job(views: list[dict], path: Path) -> None:
             raise ShardedCacheError(
                 f"{who} has dataset {mine['cache_id']} with {mine['n_images']} images (root {view['root']}) but rank 0 "
                 f"({first['host']}) has {theirs['cache_id']} with {theirs['n_images']} (root {first['root']}); every "
-                "rank must read the same files: check data_root, split, resolution and five_crop on every node.")
+                "rank must read the same files: check data_root, split, resolution and five_crop on every node, and "
+                "copy the data with its modification times (rsync -a, cp -p).")
         if view["batch_size"] != first["batch_size"]:
             raise ShardedCacheError(f"{who} builds with batch_size {view['batch_size']} but rank 0 with "
                                     f"{first['batch_size']}; the shards are cut at batch boundaries, so every rank "

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from data_fixtures import FakeBackbone, make_folder
+from PIL import Image
 
 from shared.data import build_dataset, cache_disk, cache_files
 from shared.data.feature_cache import CacheSpaceError, FeatureCache, cache_bytes, cache_key
@@ -202,3 +203,22 @@ def test_leftovers_of_other_hosts_are_judged_by_their_heartbeat(tmp_path, datase
     cache.get(backbone, dataset, progress=False)
     assert not silent.exists() and not dead_here.exists()  # no heartbeat for too long; a dead pid on this host
     assert beating.exists() and alive_here.exists()  # a live build elsewhere; a live pid here, however quiet
+
+
+def test_a_label_edited_in_place_with_the_same_size_is_a_new_cache(tmp_path, dataset):
+    cache, backbone = FeatureCache(tmp_path / "cache"), FakeBackbone()
+    label_file = dataset.root / dataset.samples[0][1]
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 12, (24, 32)).astype(np.uint8)).save(label_file, compress_level=0)
+    dataset = build_dataset("camvid", "train", data_root=tmp_path, resolution=16)
+    old = cache.get(backbone, dataset, progress=False)
+    size, mtime = label_file.stat().st_size, label_file.stat().st_mtime_ns
+    edited = rng.integers(0, 12, (24, 32)).astype(np.uint8)
+    Image.fromarray(edited).save(label_file, compress_level=0)  # uncompressed: the same byte count
+    os.utime(label_file, ns=(mtime + 10**9, mtime + 10**9))  # as a filesystem with coarse timestamps would show it
+    assert label_file.stat().st_size == size
+    again = build_dataset("camvid", "train", data_root=tmp_path, resolution=16)
+    new = cache.get(backbone, again, progress=False)
+    assert new.key != old.key and backbone.images_seen == 10
+    np.testing.assert_array_equal(new.labels[0], again[0]["label"].numpy())
+    assert not np.array_equal(new.labels[0], old.labels[0])
