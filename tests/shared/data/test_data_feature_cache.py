@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 from data_fixtures import FakeBackbone, make_folder
 from PIL import Image
 
-from shared.data import build_dataset, cache_disk, cache_files
+from shared.data import build_dataset, cache_check, cache_disk, cache_files
 from shared.data.feature_cache import CacheSpaceError, FeatureCache, cache_bytes, cache_key
 
 
@@ -222,3 +223,48 @@ def test_a_label_edited_in_place_with_the_same_size_is_a_new_cache(tmp_path, dat
     assert new.key != old.key and backbone.images_seen == 10
     np.testing.assert_array_equal(new.labels[0], again[0]["label"].numpy())
     assert not np.array_equal(new.labels[0], old.labels[0])
+
+
+def edit_in_place(path, byte_offset: int) -> None:
+    """Add 1 to the float16 at `byte_offset` of a features file: finite values, same size."""
+    data = np.memmap(path, dtype=np.float16, mode="r+")
+    data[byte_offset // 2] = data[byte_offset // 2] + np.float16(1)
+    data.flush()
+    del data
+
+
+@pytest.mark.parametrize("offset, cheap_catches", [(0, True), (116, True), (236, True), (60, False), (180, False)])
+def test_an_array_edited_in_place_is_caught_by_verify_and_by_the_sampled_blocks(tmp_path, dataset, monkeypatch,
+                                                                                offset, cheap_catches):
+    monkeypatch.setattr(cache_check, "SAMPLE_BLOCK", 16)  # 240-byte features: blocks at 0, 112 and 224
+    cache, backbone = FeatureCache(tmp_path / "cache"), FakeBackbone()
+    built = cache.get(backbone, dataset, batch_size=2, progress=False)
+    assert built.features.nbytes == 240
+    good = np.array(built.features)
+    edit_in_place(built.path / "features.f16", offset)
+    assert np.isfinite(np.fromfile(built.path / "features.f16", dtype=np.float16)).all()
+    if not cheap_catches:  # the edit lies between the sampled blocks: only the full check sees it
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not np.array_equal(cache.get(backbone, dataset, batch_size=2, progress=False).features, good)
+        assert backbone.images_seen == 5
+    with pytest.warns(UserWarning, match=rf"{built.path.name}.*(sampled blocks|recorded sha1).*rebuilding"):
+        again = cache.get(backbone, dataset, batch_size=2, progress=False, verify=not cheap_catches)
+    assert backbone.images_seen == 10
+    np.testing.assert_array_equal(again.features, good)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.get(backbone, dataset, batch_size=2, progress=False, verify=True)  # the rebuilt cache passes both
+    assert backbone.images_seen == 10
+
+
+def test_an_edited_label_array_is_caught_by_verify(tmp_path, dataset):
+    cache, backbone = FeatureCache(tmp_path / "cache"), FakeBackbone()
+    built = cache.get(backbone, dataset, progress=False)
+    labels = np.memmap(built.path / "labels.i16", dtype=np.int16, mode="r+")
+    labels[3] = (labels[3] + 1) % 12
+    labels.flush()
+    del labels
+    with pytest.warns(UserWarning, match="labels.i16"):
+        again = cache.get(backbone, dataset, progress=False, verify=True)
+    np.testing.assert_array_equal(again.labels, np.stack([dataset[i]["label"].numpy() for i in range(5)]))
