@@ -246,13 +246,17 @@ def run_comparison(settings: CompareSettings) -> ComparisonOutput:
 
 
 def split_runs(value: str) -> list[str]:
-    """One --runs value -> run paths: split on newlines and commas when it has any; else the value itself when it
-    is an existing path (spaces and all), else split on whitespace (the older `RUNS="a b"` form)."""
-    if "\n" in value or "," in value:
-        return [part.strip() for part in value.replace(",", "\n").splitlines() if part.strip()]
-    if not value.strip() or Path(value.strip()).exists():
-        return [value.strip()] if value.strip() else []
-    return value.split()
+    """One --runs value -> run paths: newline-separated entries, each an existing path taken whole (spaces, commas
+    and all) or else split on commas; a single line with neither commas nor an existing path is split on whitespace
+    (the older `RUNS="a b"` form)."""
+    lines = [line.strip() for line in value.splitlines() if line.strip()]
+    if len(lines) == 1 and "," not in lines[0] and not Path(lines[0]).exists():
+        return lines[0].split()
+    runs = []
+    for line in lines:
+        parts = [line] if Path(line).exists() else [part.strip() for part in line.split(",")]
+        runs += [part for part in parts if part]
+    return runs
 
 
 def parse_args(argv: list[str] | None = None) -> CompareSettings:

@@ -42,6 +42,9 @@ class RunConfig:
     features: dict[str, Any] = checked(dict(DEFAULT_DESCRIPTOR), DESCRIPTOR)
     force_float32: bool = False  # disable bf16 autocast in the backbone
     cache_dir: str = non_empty("cache/features")
+    # Opening a feature cache always checks its sizes and a digest of sampled blocks; true also hashes every byte
+    # against the digest recorded at build time (a full read of the cache; a cache that fails is rebuilt).
+    verify_cache: bool = False
 
     # Another method's export this one trains on ("" = none): a segmenter.pt2 path, a run directory, or
     # "run:<method>" for that method's run of the same output_root, dataset and name.

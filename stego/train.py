@@ -82,8 +82,9 @@ def build_run_data(cfg: StegoConfig, backbone, log) -> RunData:
         raise ValueError(f"validation split {cfg.dataset}/{cfg.val_split} has no labels; set val_split to a "
                          "labelled split.")
     cache = FeatureCache(cfg.cache_dir)
-    train = cache.get(backbone, train_ds) if cfg.use_cache else None
-    val, val_flip = cache.get(backbone, val_ds), cache.get(backbone, val_ds, flip=True)
+    verify = cfg.verify_cache
+    train = cache.get(backbone, train_ds, verify=verify) if cfg.use_cache else None
+    val, val_flip = cache.get(backbone, val_ds, verify=verify), cache.get(backbone, val_ds, flip=True, verify=verify)
     k = min(30, len(train_ds))
     nns_dir = cfg.nns_dir or str(Path(cfg.cache_dir).parent / "nns")
     # From the cached features when there are any (no second backbone pass over the split), keyed like the cache.

@@ -100,8 +100,9 @@ def fit(cfg: KMeansConfig, run_dir) -> FinishedRun:
                              five_crop=cfg.five_crop)
     val_ds = build_dataset(cfg.dataset, cfg.val_split, data_root=data_root, resolution=val_res)
     cache = FeatureCache(cfg.cache_dir)
-    train = cache.get(backbone, train_ds)
-    val, val_flip = cache.get(backbone, val_ds), cache.get(backbone, val_ds, flip=True)
+    verify = cfg.verify_cache
+    train = cache.get(backbone, train_ds, verify=verify)
+    val, val_flip = cache.get(backbone, val_ds, verify=verify), cache.get(backbone, val_ds, flip=True, verify=verify)
     k = cfg.n_clusters or train_ds.n_classes
 
     vectors = sample_patch_vectors(train.features, cfg.max_samples, cfg.seed)

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from shared.atomic_io import atomic_write_text
+from shared.data.cache_check import check_digests, sampled_digests
 from shared.data.cache_disk import allocated_memmap, cache_bytes, human_bytes, no_space_error
 
 FEATURES_FILE, LABELS_FILE, META_FILE, OWNER_FILE = "features.f16", "labels.i16", "meta.json", "owner.json"
@@ -107,23 +108,38 @@ def eval_mode(backbone) -> Iterator[torch.device]:
             backbone.train()
 
 
-def open_cache(path: Path) -> CachedFeatures | None:
-    """Open a finished cache folder, or None when it is incomplete or inconsistent."""
+def read_cache(path: Path, *, verify: bool = False) -> tuple[CachedFeatures | None, str | None]:
+    """(the opened cache, None), or (None, what is wrong with it); (None, None) when there is no folder at all.
+
+    Always checks each array's size and the digest of its sampled blocks; `verify` hashes every byte too
+    (`shared.data.cache_check`).
+    """
+    if not path.exists():
+        return None, None
     try:
         meta = json.loads((path / META_FILE).read_text())
-        shape = tuple(meta["features_shape"])
-        if (path / FEATURES_FILE).stat().st_size != int(np.prod(shape)) * 2:
-            return None
-        features = np.memmap(path / FEATURES_FILE, dtype=np.float16, mode="r", shape=shape)
-        labels = None
+        files = {FEATURES_FILE: (tuple(meta["features_shape"]), np.float16, "features_sha1")}
         if meta.get("labels_shape"):
-            lshape = tuple(meta["labels_shape"])
-            if (path / LABELS_FILE).stat().st_size != int(np.prod(lshape)) * 2:
-                return None
-            labels = np.memmap(path / LABELS_FILE, dtype=np.int16, mode="r", shape=lshape)
-    except (OSError, ValueError, KeyError):
-        return None
-    return CachedFeatures(features=features, labels=labels, key=meta["key"], meta=meta, path=path)
+            files[LABELS_FILE] = (tuple(meta["labels_shape"]), np.int16, "labels_sha1")
+        for name, (shape, dtype, _) in files.items():
+            size, expected = (path / name).stat().st_size, int(np.prod(shape)) * np.dtype(dtype).itemsize
+            if size != expected:
+                return None, f"is incomplete or inconsistent ({name} has {size} bytes, its shape needs {expected})"
+        problem = check_digests(path, meta, {name: sha for name, (_, _, sha) in files.items()}, verify=verify)
+        if problem:
+            return None, f"failed its check: {problem}"
+        arrays = {name: np.memmap(path / name, dtype=dtype, mode="r", shape=shape)
+                  for name, (shape, dtype, _) in files.items()}
+        key = str(meta["key"])
+    except (OSError, ValueError, KeyError, TypeError):  # a file missing, meta.json unreadable or malformed
+        return None, "is incomplete or inconsistent"
+    return CachedFeatures(features=arrays[FEATURES_FILE], labels=arrays.get(LABELS_FILE), key=key, meta=meta,
+                          path=path), None
+
+
+def open_cache(path: Path, *, verify: bool = False) -> CachedFeatures | None:
+    """Open a finished cache folder, or None when it is missing, incomplete or fails its check (see read_cache)."""
+    return read_cache(path, verify=verify)[0]
 
 
 def plan_build(job: BuildJob) -> Plan:
@@ -183,16 +199,17 @@ def write_rows(job: BuildJob, plan: Plan, folder: Path, rows: range, bar, on_fir
             else None, "seconds": time.perf_counter() - t0}
 
 
-def final_meta(job: BuildJob, plan: Plan, written: dict, **extra) -> dict:
-    """meta.json of a finished build: the job's fields, the shapes, digests and timings."""
+def final_meta(job: BuildJob, plan: Plan, written: dict, folder: Path, **extra) -> dict:
+    """meta.json of a finished build in `folder`: the job's fields, the shapes, digests and timings."""
     n, res = plan.n_images, plan.resolution
+    sampled = sampled_digests(folder, {FEATURES_FILE: written["features_sha1"], LABELS_FILE: written["labels_sha1"]})
     seconds = written["seconds"]
     return {
         **job.meta, "features_shape": [n, *plan.feature_shape],
         "labels_shape": [n, res, res] if plan.has_labels else None,
         "features_sha1": written["features_sha1"], "labels_sha1": written["labels_sha1"],
         "build_seconds": round(seconds, 3), "images_per_s": round(n / max(seconds, 1e-9), 2),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra,
+        **sampled, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra,
     }  # fmt: skip
 
 
@@ -217,14 +234,16 @@ def no_space_as_error(folder: Path, needed: int) -> Iterator[None]:
         raise
 
 
-def prepare_folder(job: BuildJob) -> None:
-    """Make the cache folder, drop leftovers of dead builders and a published folder that does not open."""
+def prepare_folder(job: BuildJob, problem: str | None = None) -> None:
+    """Make the cache folder, drop leftovers of dead builders and a published folder that does not open
+    (`problem`: what read_cache found wrong with it, for the warning)."""
     if len(job.dataset) == 0:
         raise ValueError(f"Dataset {job.dataset!r} is empty; there is nothing to cache.")
     job.cache_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_builds(job.cache_dir, job.path.name)
     if job.path.exists():  # a finished-looking folder that failed to open: rebuild it rather than trust it
-        warnings.warn(f"Feature cache {job.path} is incomplete or inconsistent; rebuilding it.", stacklevel=4)
+        problem = problem or read_cache(job.path)[1] or "is incomplete or inconsistent"
+        warnings.warn(f"Feature cache {job.path} {problem}; rebuilding it.", stacklevel=4)
         shutil.rmtree(job.path)
 
 

@@ -45,6 +45,7 @@ from shared.data.cache_files import (
     plan_build,
     prepare_folder,
     publish,
+    read_cache,
     write_rows,
 )
 
@@ -74,7 +75,8 @@ def shard_rows(n_images: int, batch_size: int, world: int) -> list[range]:
 
 
 def dataset_fingerprint(dataset) -> dict:
-    """What must agree across ranks: the files (names and sizes, not the root), count, split and view."""
+    """What must agree across ranks: the files (names, sizes and modification times, not the root), count, split
+    and view."""
     return {"cache_id": dataset.cache_id, "n_images": len(dataset)}
 
 
@@ -183,7 +185,8 @@ def _check_same_job(views: list[dict], path: Path) -> None:
             raise ShardedCacheError(
                 f"{who} has dataset {mine['cache_id']} with {mine['n_images']} images (root {view['root']}) but rank 0 "
                 f"({first['host']}) has {theirs['cache_id']} with {theirs['n_images']} (root {first['root']}); every "
-                "rank must read the same files: check data_root, split, resolution and five_crop on every node.")
+                "rank must read the same files: check data_root, split, resolution and five_crop on every node, and "
+                "copy the data with its modification times (rsync -a, cp -p).")
         if view["batch_size"] != first["batch_size"]:
             raise ShardedCacheError(f"{who} builds with batch_size {view['batch_size']} but rank 0 with "
                                     f"{first['batch_size']}; the shards are cut at batch boundaries, so every rank "
@@ -197,24 +200,26 @@ def _check_same_job(views: list[dict], path: Path) -> None:
                                 "see; every rank must see the same cache_dir on a shared filesystem.")
 
 
-def get_sharded(job: BuildJob) -> CachedFeatures:
-    """Open the cache, building it sharded over every rank when missing (every rank calls this)."""
+def get_sharded(job: BuildJob, *, verify: bool = False) -> CachedFeatures:
+    """Open the cache, building it sharded over every rank when missing or failing its check (every rank calls
+    this). With `verify` every rank hashes the whole cache before the ranks meet, so none waits for another."""
     ranks = _Ranks()
     try:
+        found, problem = read_cache(job.path, verify=verify)
         view = {"host": ranks.host, "dataset": dataset_fingerprint(job.dataset), "root": str(job.dataset.root),
-                "key": job.path.name, "batch_size": job.batch_size, "found": open_cache(job.path) is not None}
+                "key": job.path.name, "batch_size": job.batch_size, "found": found is not None}
         views = ranks.gather(view)
         _check_same_job(views, job.path)
         if not views[0]["found"]:
-            _build(job, ranks)
+            _build(job, ranks, problem)
         return _open_everywhere(job.path, ranks)
     finally:
         ranks.close()
 
 
-def _prepare(job: BuildJob, plan: Plan, shards: list[range]) -> str:
+def _prepare(job: BuildJob, plan: Plan, shards: list[range], problem: str | None) -> str:
     """Rank 0: clean up, print the plan, check the free space, make the temporary folder."""
-    prepare_folder(job)
+    prepare_folder(job, problem)
     largest = max(len(rows) for rows in shards)
     # Concatenation writes the final files while the parts still exist: the largest part is the overhead.
     needed = plan.total_bytes + plan.rows_bytes(largest)
@@ -226,13 +231,13 @@ def _prepare(job: BuildJob, plan: Plan, shards: list[range]) -> str:
     return name
 
 
-def _build(job: BuildJob, ranks: _Ranks) -> None:
+def _build(job: BuildJob, ranks: _Ranks, problem: str | None = None) -> None:
     """Every rank writes its part; rank 0 checks the parts and publishes. Raises on every rank on failure."""
     name, plan, error = None, None, None
     if ranks.rank == 0:
         try:
             plan = plan_build(job)
-            name = _prepare(job, plan, shard_rows(plan.n_images, job.batch_size, ranks.world))
+            name = _prepare(job, plan, shard_rows(plan.n_images, job.batch_size, ranks.world), problem)
         except Exception as err:  # noqa: BLE001 - reported on every rank below
             error = f"{ranks.me}: {err}"
     # The name, not the path: each rank joins it to its own cache_dir, so a missing shared filesystem shows.
@@ -358,7 +363,7 @@ def _check_and_publish(job: BuildJob, plan: Plan, shards: list[range], tmp: Path
                    "seconds": build_seconds}
         for info in parts:
             shutil.rmtree(tmp / f"part-{info['rank']}")
-        meta = final_meta(job, plan, written, world_size=len(shards),
+        meta = final_meta(job, plan, written, tmp, world_size=len(shards),
                           publish_seconds=round(time.perf_counter() - started, 3))
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))  # written last: marks the arrays complete
     (tmp / OWNER_FILE).unlink(missing_ok=True)  # the published folder holds only what readers open

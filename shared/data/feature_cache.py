@@ -40,11 +40,12 @@ from shared.data.cache_files import (
     plan_build,
     prepare_folder,
     publish,
+    read_cache,
     write_rows,
 )
 from shared.features import canonical_descriptor, descriptor_id
 
-CACHE_FORMAT = 2  # 2: keyed by the feature descriptor instead of a block index
+CACHE_FORMAT = 3  # 2: keyed by the feature descriptor instead of a block index; 3: sampled digests in meta.json
 
 __all__ = [
     "CACHE_FORMAT", "FEATURES_FILE", "LABELS_FILE", "META_FILE", "CacheSpaceError", "CachedFeatures", "FeatureCache",
@@ -100,20 +101,24 @@ class FeatureCache:
         return self.cache_dir / cache_key(backbone, dataset, flip=flip)
 
     def get(self, backbone, dataset, *, flip: bool = False, batch_size: int = 16, num_workers: int = 0,
-            progress: bool = True) -> CachedFeatures:
+            progress: bool = True, verify: bool = False) -> CachedFeatures:
         """Open the cached features, building them first if needed.
 
         Under torchrun every rank computes its shard and rank 0 publishes (see `shared.data.cache_shards`);
         every rank must call this with the same arguments. `batch_size` is part of what makes the bytes
-        reproducible: a rebuild with the same batch size gives the same bytes, sharded or not.
+        reproducible: a rebuild with the same batch size gives the same bytes, sharded or not. A cache that
+        fails its check when opened (sizes and sampled blocks always, every byte with `verify`; see
+        `shared.data.cache_check`) is rebuilt with a warning naming it.
         """
         path = self.path_for(backbone, dataset, flip=flip)
         job = BuildJob(backbone, dataset, path, flip=flip, batch_size=batch_size, num_workers=num_workers,
                        progress=progress, meta=_static_meta(backbone, dataset, path, flip))
         if sdist.get_world_size() > 1:
-            return cache_shards.get_sharded(job)
-        if open_cache(path) is None:
-            self._build(job)
+            return cache_shards.get_sharded(job, verify=verify)
+        found, problem = read_cache(path, verify=verify)
+        if found is not None:
+            return found
+        self._build(job, problem)
         cached = open_cache(path)
         if cached is None:
             raise RuntimeError(f"Feature cache {path} is missing or incomplete right after it was built; another "
@@ -121,9 +126,9 @@ class FeatureCache:
         return cached
 
     @staticmethod
-    def _build(job: BuildJob) -> None:
+    def _build(job: BuildJob, problem: str | None = None) -> None:
         """One process: write every row into `<key>.tmp-<pid>/`, then publish it by a rename."""
-        prepare_folder(job)
+        prepare_folder(job, problem)
         plan = plan_build(job)
         print(plan.describe(job.path.name) + f" in {job.cache_dir}", flush=True)
         check_free_space(job.cache_dir, plan.total_bytes, f"Feature cache {job.path.name}")
@@ -136,7 +141,7 @@ class FeatureCache:
                 with bar:
                     written = write_rows(job, plan, tmp, range(plan.n_images), bar)
                 # written last: marks the arrays complete
-                atomic_write_text(tmp / META_FILE, json.dumps(final_meta(job, plan, written), indent=1))
+                atomic_write_text(tmp / META_FILE, json.dumps(final_meta(job, plan, written, tmp), indent=1))
             publish(tmp, job.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

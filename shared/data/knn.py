@@ -6,7 +6,9 @@ Similarity: cosine between L2-normalised, spatially averaged backbone features o
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,44 +60,64 @@ def topk_cosine(features: torch.Tensor, k: int, *, chunk_size: int = 256) -> np.
     return out
 
 
-def _stored_matches(path: Path, backbone, dataset, k: int) -> np.ndarray | None:
-    """The stored nns if they were made with this backbone/weights/layer/files and at least k columns."""
+def _nns_sha1(nns: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(nns, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _read_nns(path: Path, provenance: dict[str, str], n: int, k: int) -> tuple[np.ndarray | None, str | None]:
+    """(nns[:, :k] int64, None) if `path` holds neighbours made from what `provenance` names, for n images and at
+    least k columns, with its recorded digest, in range, self first; else (None, what is wrong; None if absent)."""
+    if not path.exists():
+        return None, None
     try:
         with np.load(path, allow_pickle=False) as data:
-            same = (
-                str(data["weights_id"]) == str(backbone.weights_id) and int(data["layer"]) == int(backbone.layer)
-                and str(data["cache_id"]) == dataset.cache_id
-            )  # fmt: skip
-            nns = data["nns"]
+            recorded = {name: str(data[name]) for name in provenance}
+            nns, digest = data["nns"], str(data["nns_sha1"])
     except (OSError, KeyError, ValueError):
-        return None  # a file from elsewhere (e.g. STEGO's own) without our provenance: recompute
-    if not same or nns.shape[0] != len(dataset) or nns.shape[1] < k:
-        return None
-    return nns[:, :k].astype(np.int64)
+        return None, "is unreadable or has no provenance (made elsewhere or by an older version)"
+    if recorded != provenance:
+        changed = ", ".join(name for name in provenance if recorded[name] != provenance[name])
+        return None, f"was made from other data ({changed} differ)"
+    if nns.ndim != 2 or nns.shape[0] != n or nns.shape[1] < k or not np.issubdtype(nns.dtype, np.integer):
+        return None, f"holds neighbours of shape {nns.shape}, but {n} images x {k} are needed"
+    if digest != _nns_sha1(nns) or nns.min() < 0 or nns.max() >= n or (nns[:, 0] != np.arange(n)).any():
+        return None, "does not match its recorded digest (edited or damaged on disk)"
+    return nns[:, :k].astype(np.int64), None
 
 
-def _save(path: Path, nns: np.ndarray, backbone, dataset) -> None:
-    with atomic_open(path, "wb") as f:
-        np.savez(f, nns=nns, weights_id=np.array(str(backbone.weights_id)), layer=np.array(int(backbone.layer)),
-                 cache_id=np.array(dataset.cache_id))
+def _load_or_make(path: Path, provenance: dict[str, str], n: int, k: int, compute) -> np.ndarray:
+    """The stored neighbours when they pass `_read_nns`, else computed by rank 0 (`compute()`), saved, and read by
+    every other rank; a file that fails its check is replaced with a warning naming it."""
+    nns, problem = _read_nns(path, provenance, n, k)
+    if nns is None and sdist.get_rank() == 0:
+        if problem:
+            warnings.warn(f"kNN file {path} {problem}; recomputing it.", stacklevel=3)
+        nns = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path, "wb") as f:
+            np.savez(f, nns=nns, nns_sha1=np.array(_nns_sha1(nns)),
+                     **{name: np.array(value) for name, value in provenance.items()})
+    sdist.barrier()
+    if nns is None:  # a rank other than 0: read what rank 0 wrote
+        nns, problem = _read_nns(path, provenance, n, k)
+        if nns is None:
+            raise RuntimeError(f"kNN file {path} is missing or does not match after rank 0 computed it ({problem}); "
+                               "every rank must see the same nns_dir (a shared filesystem).")
+    return nns
 
 
 def load_or_compute_knn(backbone, dataset, *, k: int = 30, nns_dir: str | os.PathLike = "cache/nns",
                         batch_size: int = 16, chunk_size: int = 256, progress: bool = True) -> np.ndarray:
     """(N, k) int64 neighbour indices, self first; loaded from `nns_dir` or computed (rank 0) and saved."""
     path = knn_path(backbone, dataset, nns_dir)
-    nns = _stored_matches(path, backbone, dataset, k) if path.exists() else None
-    if nns is None and sdist.get_rank() == 0:
-        feats = pooled_features(backbone, dataset, batch_size=batch_size, progress=progress)
-        nns = topk_cosine(feats, k, chunk_size=chunk_size)
-        _save(path, nns, backbone, dataset)
-    sdist.barrier()
-    if nns is None:  # a rank other than 0: read what rank 0 wrote
-        nns = _stored_matches(path, backbone, dataset, k)
-        if nns is None:
-            raise RuntimeError(f"kNN file {path} is missing or does not match after rank 0 computed it; every rank "
-                               "must see the same nns_dir (a shared filesystem).")
-    return nns
+    provenance = {"weights_id": str(backbone.weights_id), "layer": str(int(backbone.layer)),
+                  "cache_id": dataset.cache_id}
+
+    def compute() -> np.ndarray:
+        return topk_cosine(pooled_features(backbone, dataset, batch_size=batch_size, progress=progress), k,
+                           chunk_size=chunk_size)
+
+    return _load_or_make(path, provenance, len(dataset), k, compute)
 
 
 def knn_from_cache_path(cached, nns_dir: str | os.PathLike) -> Path:
@@ -114,28 +136,13 @@ def pooled_cached_features(cached, *, batch_size: int = 64) -> torch.Tensor:
 def knn_from_cache(cached, *, k: int = 30, nns_dir: str | os.PathLike = "cache/nns",
                    chunk_size: int = 256) -> np.ndarray:
     """(N, k) int64 neighbour indices (self first) of the images of a feature cache, computed from the cached
-    features themselves (rank 0) and stored beside them under the cache's key; reused while that key matches."""
+    features themselves (rank 0) and stored beside them under the cache's key; reused while that key and the
+    cache's digest match."""
     path = knn_from_cache_path(cached, nns_dir)
+    # The cache's digest, not only its key: a cache rebuilt under the same key (it failed its check) has new bytes.
+    provenance = {"cache_key": str(cached.key), "cache_sha1": str(cached.meta.get("features_sha1"))}
 
-    def stored() -> np.ndarray | None:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                key, nns = str(data["cache_key"]), data["nns"]
-        except (OSError, KeyError, ValueError):
-            return None
-        if key != cached.key or nns.ndim != 2 or nns.shape[0] != len(cached) or nns.shape[1] < k:
-            return None
-        return nns[:, :k].astype(np.int64)
+    def compute() -> np.ndarray:
+        return topk_cosine(pooled_cached_features(cached), k, chunk_size=chunk_size)
 
-    nns = stored()
-    if nns is None and sdist.get_rank() == 0:
-        nns = topk_cosine(pooled_cached_features(cached), k, chunk_size=chunk_size)
-        with atomic_open(path, "wb") as f:
-            np.savez(f, nns=nns, cache_key=np.array(cached.key))
-    sdist.barrier()
-    if nns is None:
-        nns = stored()
-        if nns is None:
-            raise RuntimeError(f"kNN file {path} is missing or does not match after rank 0 computed it; every rank "
-                               "must see the same nns_dir (a shared filesystem).")
-    return nns
+    return _load_or_make(path, provenance, len(cached), k, compute)

@@ -19,7 +19,7 @@ from compare_world import ALPHA, CENTRES_A, N_IMAGES, metadata, toy_labels
 from PIL import Image
 
 from compare.figure import figure_size
-from compare.run import CompareSettings, main, run_comparison
+from compare.run import CompareSettings, main, parse_args, run_comparison
 
 ACC_A, MIOU_A = 100 * 46 / 62, 100 * (10 / 22 + 12 / 20 + 24 / 36) / 3
 ACC_B, MIOU_B = 100 * 40 / 62, 100 * (8 / 26 + 16 / 30 + 16 / 28) / 3
@@ -166,3 +166,16 @@ def test_mixed_backbones_are_refused_unless_allowed(toy_world, capsys):
     out = run_comparison(settings(toy_world, runs, allow_mixed_backbones=True, crf=False))
     assert [r.status for r in out.results] == ["ok", "failed"]
     assert "some-other-weights" in out.results[1].error
+
+
+def test_runs_naming_one_existing_path_with_spaces_or_commas_is_never_split(tmp_path):
+    """`make compare RUNS="my runs/é/stego/camvid_sample/x"` passes the whole value as one --runs argument."""
+    spaced = tmp_path / "my runs" / "é" / "stego" / "camvid_sample" / "x"
+    comma = tmp_path / "a,b runs" / "kmeans"
+    for path in (spaced, comma):
+        path.mkdir(parents=True)
+    assert parse_args(["--dataset", "toy", "--runs", str(spaced)]).runs == [str(spaced)]
+    assert parse_args(["--dataset", "toy", "--runs", f"{comma}\n"]).runs == [str(comma)]
+    both = parse_args(["--dataset", "toy", "--runs", f"{spaced}\n{comma}", "--run", str(spaced)]).runs
+    assert both == [str(spaced), str(comma), str(spaced)]
+    assert parse_args(["--dataset", "toy", "--runs", "runs/x,runs/y"]).runs == ["runs/x", "runs/y"]

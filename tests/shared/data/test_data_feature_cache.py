@@ -8,13 +8,15 @@ import json
 import os
 import socket
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from data_fixtures import FakeBackbone, make_folder
+from PIL import Image
 
-from shared.data import build_dataset, cache_disk, cache_files
+from shared.data import build_dataset, cache_check, cache_disk, cache_files
 from shared.data.feature_cache import CacheSpaceError, FeatureCache, cache_bytes, cache_key
 
 
@@ -202,3 +204,67 @@ def test_leftovers_of_other_hosts_are_judged_by_their_heartbeat(tmp_path, datase
     cache.get(backbone, dataset, progress=False)
     assert not silent.exists() and not dead_here.exists()  # no heartbeat for too long; a dead pid on this host
     assert beating.exists() and alive_here.exists()  # a live build elsewhere; a live pid here, however quiet
+
+
+def test_a_label_edited_in_place_with_the_same_size_is_a_new_cache(tmp_path, dataset):
+    cache, backbone = FeatureCache(tmp_path / "cache"), FakeBackbone()
+    label_file = dataset.root / dataset.samples[0][1]
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 12, (24, 32)).astype(np.uint8)).save(label_file, compress_level=0)
+    dataset = build_dataset("camvid", "train", data_root=tmp_path, resolution=16)
+    old = cache.get(backbone, dataset, progress=False)
+    size, mtime = label_file.stat().st_size, label_file.stat().st_mtime_ns
+    edited = rng.integers(0, 12, (24, 32)).astype(np.uint8)
+    Image.fromarray(edited).save(label_file, compress_level=0)  # uncompressed: the same byte count
+    os.utime(label_file, ns=(mtime + 10**9, mtime + 10**9))  # as a filesystem with coarse timestamps would show it
+    assert label_file.stat().st_size == size
+    again = build_dataset("camvid", "train", data_root=tmp_path, resolution=16)
+    new = cache.get(backbone, again, progress=False)
+    assert new.key != old.key and backbone.images_seen == 10
+    np.testing.assert_array_equal(new.labels[0], again[0]["label"].numpy())
+    assert not np.array_equal(new.labels[0], old.labels[0])
+
+
+def edit_in_place(path, byte_offset: int) -> None:
+    """Add 1 to the float16 at `byte_offset` of a features file: finite values, same size."""
+    data = np.memmap(path, dtype=np.float16, mode="r+")
+    data[byte_offset // 2] = data[byte_offset // 2] + np.float16(1)
+    data.flush()
+    del data
+
+
+@pytest.mark.parametrize("offset, cheap_catches", [(0, True), (116, True), (236, True), (60, False), (180, False)])
+def test_an_array_edited_in_place_is_caught_by_verify_and_by_the_sampled_blocks(tmp_path, dataset, monkeypatch,
+                                                                                offset, cheap_catches):
+    monkeypatch.setattr(cache_check, "SAMPLE_BLOCK", 16)  # 240-byte features: blocks at 0, 112 and 224
+    cache, backbone = FeatureCache(tmp_path / "cache"), FakeBackbone()
+    built = cache.get(backbone, dataset, batch_size=2, progress=False)
+    assert built.features.nbytes == 240
+    good = np.array(built.features)
+    edit_in_place(built.path / "features.f16", offset)
+    assert np.isfinite(np.fromfile(built.path / "features.f16", dtype=np.float16)).all()
+    if not cheap_catches:  # the edit lies between the sampled blocks: only the full check sees it
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not np.array_equal(cache.get(backbone, dataset, batch_size=2, progress=False).features, good)
+        assert backbone.images_seen == 5
+    with pytest.warns(UserWarning, match=rf"{built.path.name}.*(sampled blocks|recorded sha1).*rebuilding"):
+        again = cache.get(backbone, dataset, batch_size=2, progress=False, verify=not cheap_catches)
+    assert backbone.images_seen == 10
+    np.testing.assert_array_equal(again.features, good)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache.get(backbone, dataset, batch_size=2, progress=False, verify=True)  # the rebuilt cache passes both
+    assert backbone.images_seen == 10
+
+
+def test_an_edited_label_array_is_caught_by_verify(tmp_path, dataset):
+    cache, backbone = FeatureCache(tmp_path / "cache"), FakeBackbone()
+    built = cache.get(backbone, dataset, progress=False)
+    labels = np.memmap(built.path / "labels.i16", dtype=np.int16, mode="r+")
+    labels[3] = (labels[3] + 1) % 12
+    labels.flush()
+    del labels
+    with pytest.warns(UserWarning, match="labels.i16"):
+        again = cache.get(backbone, dataset, progress=False, verify=True)
+    np.testing.assert_array_equal(again.labels, np.stack([dataset[i]["label"].numpy() for i in range(5)]))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -140,3 +142,39 @@ def test_a_crafted_knn_file_of_a_feature_cache_runs_nothing(tmp_path, crafted_fi
     assert_recomputed_unrun(path, knn_from_cache(cached, k=3, nns_dir=tmp_path / "nns"), expected, crafted.marker)
     write_npz_with_object_array(path, crafted.marker, cache_key=np.array(cached.key))
     assert_recomputed_unrun(path, knn_from_cache(cached, k=3, nns_dir=tmp_path / "nns"), expected, crafted.marker)
+
+
+def test_a_rebuilt_cache_with_other_bytes_never_reuses_the_old_knn_file(tmp_path):
+    cached = FeatureCache(tmp_path / "cache").get(FakeBackbone(), small_camvid(tmp_path, n=8), progress=False)
+    old = knn_from_cache(cached, k=3, nns_dir=tmp_path / "nns")
+    # The same key, other bytes (and so another recorded digest): what a rebuild after a failed check can give.
+    features = np.random.default_rng(5).standard_normal((8, 6, 2, 2)).astype(np.float16)
+    rebuilt = dataclasses.replace(cached, features=features, meta={**cached.meta, "features_sha1": "f" * 40})
+    expected = brute_force(features.astype(np.float64).mean((2, 3)), 3)
+    assert not np.array_equal(old, expected)  # the test would be vacuous if the neighbours agreed
+    with pytest.warns(UserWarning, match=r"nns_.*cache_sha1 differ.*recomputing"):
+        np.testing.assert_array_equal(knn_from_cache(rebuilt, k=3, nns_dir=tmp_path / "nns"), expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(knn_from_cache(rebuilt, k=3, nns_dir=tmp_path / "nns"), expected)
+
+
+@pytest.mark.parametrize("from_cache", [True, False])
+def test_a_knn_file_edited_in_place_is_recomputed_with_a_warning(tmp_path, from_cache):
+    ds, backbone = small_camvid(tmp_path), FakeBackbone()
+    cached = FeatureCache(tmp_path / "cache").get(backbone, ds, progress=False)
+
+    def knn():
+        if from_cache:
+            return knn_from_cache(cached, k=3, nns_dir=tmp_path / "nns")
+        return load_or_compute_knn(backbone, ds, k=3, nns_dir=tmp_path / "nns", progress=False)
+
+    good = knn()
+    path = knn_from_cache_path(cached, tmp_path / "nns") if from_cache else knn_path(backbone, ds, tmp_path / "nns")
+    with np.load(path) as data:
+        fields = dict(data)
+    fields["nns"] = fields["nns"].copy()
+    fields["nns"][2, 1], fields["nns"][2, 2] = fields["nns"][2, 2], fields["nns"][2, 1]  # valid-looking, wrong
+    np.savez(path, **fields)
+    with pytest.warns(UserWarning, match=rf"{path.name} does not match its recorded digest .*; recomputing"):
+        np.testing.assert_array_equal(knn(), good)
