@@ -13,7 +13,6 @@ exports the last step's head (or the best, with that option) and scores the relo
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,15 +41,15 @@ from shared.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from shared.config import parse_args, save_resolved_config
+from shared.cli import run_trainer
 from shared.data import build_dataset
 from shared.data.feature_cache import FeatureCache
 from shared.dist import barrier, distributed
 from shared.evaluation import evaluate_head, score_summary
 from shared.finish import FinishedRun, export_metadata, finish_run
 from shared.logger import RunLogger
-from shared.run_dir import check_fresh_start, run_directory
 from shared.run_guard import StopSignal, check_finite
+from shared.run_start import open_run
 from shared.seed import seed_everything
 
 METHOD = "eagle"
@@ -131,14 +130,10 @@ def train_step(step: int, data: RunData, backbone, modules, head, optimizers, st
     return logs
 
 
-def main(cfg: EagleConfig) -> FinishedRun | dict:
-    with distributed(cfg.device) as ctx:
+def main(cfg: EagleConfig) -> FinishedRun:
+    # open_run: the run directory, locked for the run, checked (fresh start / same settings on resume), config.yaml.
+    with distributed(cfg.device) as ctx, open_run(cfg, METHOD, is_main=ctx.is_main) as run_dir:
         seed_everything(cfg.seed, cfg.deterministic)
-        run_dir = run_directory(cfg, METHOD)
-        check_fresh_start(run_dir, cfg.resume, cfg.overwrite)
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved_config(cfg, run_dir)
         logger = RunLogger(run_dir, enabled=ctx.is_main)
         weights = None if cfg.backbone_weights == "" else cfg.backbone_weights
         backbone = build_backbone(cfg.backbone, weights, features=cfg.features, force_float32=cfg.force_float32,
@@ -175,7 +170,7 @@ def main(cfg: EagleConfig) -> FinishedRun | dict:
                     logger.scalars(done, {k: float(v) for k, v in logs.items()}, prefix="train")
                     logger.scalars(done, {"step_ms": (time.perf_counter() - began) * 1e3}, prefix="time")
                 stopping = stop.sync()
-                if done % cfg.val_every == 0 or done == cfg.max_steps or stopping:
+                if done % cfg.val_every == 0 or done == cfg.max_steps:
                     scores = validate(modules, data, cfg, n_classes)
                     logger.scalars(done, score_summary(scores), prefix="val")
                     miou = scores["unsupervised"]["miou"]
@@ -187,10 +182,17 @@ def main(cfg: EagleConfig) -> FinishedRun | dict:
                         save_state(ckpt_dir / "last.pt", modules, optimizers, done, cfg, best, rng)
                     logger.write(f"step {done}: val unsupervised mIoU {miou:.2f}")
                     barrier()
+                elif stopping:
+                    # Saved without the extra validation: it would let the stop step enter the best-checkpoint
+                    # choice, which an uninterrupted run never makes there.
+                    rng = gather_rng_states()
+                    if ctx.is_main:
+                        save_state(ckpt_dir / "last.pt", modules, optimizers, done, cfg, best, rng)
+                    barrier()
                 if stopping:
                     logger.write(f"stopped at step {done}; resume with --resume auto")
                     logger.close()
-                    return {"stopped_at": done}
+                    raise stop.interrupted(done)  # the CLI exits 143 (SIGTERM) / 130 (SIGINT): the run did not finish
         results = finish(cfg, modules, data, backbone, n_classes, run_dir, logger, ctx.is_main)
         logger.close()
         return results
@@ -213,4 +215,4 @@ def finish(cfg: EagleConfig, modules, data: RunData, backbone, n_classes: int, r
 
 
 if __name__ == "__main__":
-    main(parse_args(EagleConfig, sys.argv[1:]))
+    run_trainer(main, EagleConfig)

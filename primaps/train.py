@@ -14,7 +14,6 @@ every `ema_every` steps; the linear probe trains throughout as a diagnostic. Fin
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -45,13 +44,13 @@ from shared.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from shared.config import parse_args, save_resolved_config
+from shared.cli import run_trainer
 from shared.dist import all_reduce_mean, barrier, distributed
 from shared.evaluation import evaluate_head, score_summary
 from shared.finish import FinishedRun, export_metadata, finish_run
 from shared.logger import RunLogger
-from shared.run_dir import check_fresh_start, run_directory
 from shared.run_guard import StopSignal, check_finite
+from shared.run_start import open_run
 from shared.seed import seed_everything
 from shared.viz import colorize, default_palette, save_grid, to_uint8_image
 
@@ -115,14 +114,11 @@ def train_step(step: int, schedule: Schedule, modules, optimizers, data: RunData
     return logs
 
 
-def main(cfg: PrimapsConfig) -> FinishedRun | dict:
-    with distributed(cfg.device) as ctx:
+def main(cfg: PrimapsConfig) -> FinishedRun:
+    # open_run: the run directory, locked for the run, checked (fresh start / same settings on resume), config.yaml.
+    with (distributed(cfg.device) as ctx,
+          open_run(cfg, METHOD, is_main=ctx.is_main, uses_base_segmenter=True) as run_dir):
         seed_everything(cfg.seed, cfg.deterministic)
-        run_dir = run_directory(cfg, METHOD)
-        check_fresh_start(run_dir, cfg.resume, cfg.overwrite)
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved_config(cfg, run_dir)
         logger = RunLogger(run_dir, enabled=ctx.is_main)
         backbone = build_backbone(cfg.backbone, cfg.backbone_weights or None, features=cfg.features,
                                   force_float32=cfg.force_float32, device=ctx.device)
@@ -157,12 +153,14 @@ def main(cfg: PrimapsConfig) -> FinishedRun | dict:
                     logger.scalars(done, {k: float(v) for k, v in logs.items()}, prefix="train")
                     logger.scalars(done, {"step_ms": (time.perf_counter() - began) * 1e3}, prefix="time")
                 stopping = stop.sync()
-                if done % cfg.val_every == 0 or done == schedule.total_steps or stopping:
+                if done % cfg.val_every == 0 or done == schedule.total_steps:
                     checkpoint(done, modules, optimizers, data, cfg, n_classes, run_dir, logger, ctx)
+                elif stopping:  # saved without the extra validation (it could change the best checkpoint)
+                    save_last(done, modules, optimizers, cfg, run_dir, ctx)
                 if stopping:
                     logger.write(f"stopped at step {done}; resume with --resume auto")
                     logger.close()
-                    return {"stopped_at": done}
+                    raise stop.interrupted(done)  # the CLI exits 143 (SIGTERM) / 130 (SIGINT): the run did not finish
         results = finish(cfg, modules, data, backbone, n_classes, schedule, run_dir, logger, ctx)
         logger.close()
         return results
@@ -192,6 +190,17 @@ def checkpoint(done: int, modules, optimizers, data: RunData, cfg: PrimapsConfig
     barrier()
 
 
+def save_last(done: int, modules, optimizers, cfg: PrimapsConfig, run_dir: Path, ctx) -> None:
+    """checkpoints/last.pt at a stop step, without validating (best_miou carried over from the previous last.pt)."""
+    rng = gather_rng_states()
+    if ctx.is_main:
+        last = run_dir / "checkpoints" / "last.pt"
+        best = float(load_checkpoint(last).get("extra", {}).get("best_miou", -1.0)) if last.is_file() else -1.0
+        save_checkpoint(make_checkpoint(model=modules, optimizers=optimizers, step=done, config=cfg, method=METHOD,
+                                        extra={"best_miou": best}, rng=rng), last)
+    barrier()
+
+
 def finish(cfg: PrimapsConfig, modules, data: RunData, backbone, n_classes: int, schedule: Schedule, run_dir: Path,
            logger, ctx) -> FinishedRun:
     barrier()
@@ -209,4 +218,4 @@ def finish(cfg: PrimapsConfig, modules, data: RunData, backbone, n_classes: int,
 
 
 if __name__ == "__main__":
-    main(parse_args(PrimapsConfig, sys.argv[1:]))
+    run_trainer(main, PrimapsConfig)

@@ -13,7 +13,6 @@ and `pusegnet.report` adds the calibration block beside the base segmenter's.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,15 +44,16 @@ from shared.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from shared.config import parse_args, save_resolved_config
+from shared.cli import run_trainer
 from shared.data import build_dataset
 from shared.data.feature_cache import FeatureCache
 from shared.dist import barrier, distributed
 from shared.evaluation import evaluate_head, score_summary
 from shared.finish import FinishedRun, export_metadata, finish_run
 from shared.logger import RunLogger
-from shared.run_dir import RunDirError, check_base_compatible, check_fresh_start, resolve_base_segmenter, run_directory
+from shared.run_dir import RunDirError, check_base_compatible, resolve_base_segmenter
 from shared.run_guard import StopSignal, check_finite
+from shared.run_start import open_run
 from shared.seed import seed_everything
 from shared.segmenter import load as load_segmenter
 
@@ -121,8 +121,8 @@ def validate(modules, data: RunData, cfg: PusegnetConfig, n_classes: int, n_clus
                          n_clusters=n_clusters, extra_policy=cfg.extra_policy, batch_size=cfg.val_batch_size)
 
 
-def train_loop(cfg, ctx, modules, optimizers, data: RunData, start: int, logger, run_dir: Path) -> int | None:
-    """Steps ``start`` .. ``max_steps``; returns None when done, or the step it stopped at on a signal."""
+def train_loop(cfg, ctx, modules, optimizers, data: RunData, start: int, logger, run_dir: Path) -> None:
+    """Steps ``start`` .. ``max_steps``; on a signal saves last.pt and raises RunInterrupted."""
     head = DistributedDataParallel(modules["head"]) if ctx.world_size > 1 else modules["head"]
     stream = IndexStream(len(data.train_ds), cfg.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
     window = precision_window_start(cfg.max_steps, stream.steps_per_epoch)
@@ -145,31 +145,32 @@ def train_loop(cfg, ctx, modules, optimizers, data: RunData, start: int, logger,
                 logger.scalars(done, {k: float(v) for k, v in logs.items()}, prefix="train")
                 logger.scalars(done, {"step_ms": (time.perf_counter() - began) * 1e3}, prefix="time")
             stopping = stop.sync()
-            if done % cfg.val_every == 0 or done == cfg.max_steps or stopping:
+            validating = done % cfg.val_every == 0 or done == cfg.max_steps
+            if validating:
                 scores = validate(modules, data, cfg, n_classes, n_clusters)
                 logger.scalars(done, score_summary(scores), prefix="val")
+            if validating or stopping:  # a stop saves without the extra validation (it finalizes the precision)
                 rng = gather_rng_states()
                 if ctx.is_main:
                     save_checkpoint(make_checkpoint(model=modules, optimizers=optimizers, step=done, config=cfg,
                                                     method=METHOD, rng=rng), run_dir / "checkpoints" / "last.pt")
-                logger.write(f"step {done}: val unsupervised mIoU {scores['unsupervised']['miou']:.2f}")
+                if validating:
+                    logger.write(f"step {done}: val unsupervised mIoU {scores['unsupervised']['miou']:.2f}")
                 barrier()
             if stopping:
-                return done
-    return None
+                logger.write(f"stopped at step {done}; resume with --resume auto")
+                logger.close()
+                raise stop.interrupted(done)  # the CLI exits 143 (SIGTERM) / 130 (SIGINT): the run did not finish
 
 
-def main(cfg: PusegnetConfig) -> FinishedRun | dict:
-    with distributed(cfg.device) as ctx:
-        if cfg.select_by != "last":
-            raise ValueError(f"select_by={cfg.select_by!r}: PU-SegNet exports the last step's head (its Laplace "
-                             "posterior belongs to the final weights); use select_by=last.")
+def main(cfg: PusegnetConfig) -> FinishedRun:
+    if cfg.select_by != "last":
+        raise ValueError(f"select_by={cfg.select_by!r}: PU-SegNet exports the last step's head (its Laplace "
+                         "posterior belongs to the final weights); use select_by=last.")
+    # open_run: the run directory, locked for the run, checked (fresh start / same settings on resume), config.yaml.
+    with (distributed(cfg.device) as ctx,
+          open_run(cfg, METHOD, is_main=ctx.is_main, uses_base_segmenter=True) as run_dir):
         seed_everything(cfg.seed, cfg.deterministic)
-        run_dir = run_directory(cfg, METHOD)
-        check_fresh_start(run_dir, cfg.resume, cfg.overwrite)
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved_config(cfg, run_dir)
         logger = RunLogger(run_dir, enabled=ctx.is_main)
         backbone = build_backbone(cfg.backbone, cfg.backbone_weights or None, features=cfg.features,
                                   force_float32=cfg.force_float32, device=ctx.device)
@@ -188,11 +189,7 @@ def main(cfg: PusegnetConfig) -> FinishedRun | dict:
             logger.write(f"resumed from {resume_path} at step {start}")
         else:
             torch.manual_seed(cfg.seed + ctx.rank)  # ranks draw different dropout masks
-        stopped = train_loop(cfg, ctx, modules, optimizers, data, start, logger, run_dir)
-        if stopped is not None:
-            logger.write(f"stopped at step {stopped}; resume with --resume auto")
-            logger.close()
-            return {"stopped_at": stopped}
+        train_loop(cfg, ctx, modules, optimizers, data, start, logger, run_dir)
         results = finish(cfg, modules, data, backbone, run_dir, logger, ctx)
         logger.close()
         return results
@@ -220,4 +217,4 @@ def finish(cfg: PusegnetConfig, modules, data: RunData, backbone, run_dir: Path,
 
 
 if __name__ == "__main__":
-    main(parse_args(PusegnetConfig, sys.argv[1:]))
+    run_trainer(main, PusegnetConfig)

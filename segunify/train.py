@@ -14,7 +14,6 @@ export on the image and its flip, then with CRF.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from segunify.steps import (
 )
 from shared.backbone import build_backbone, snap_to_patch
 from shared.checkpoint import load_checkpoint, make_checkpoint, resolve_resume, restore_checkpoint, save_checkpoint
-from shared.config import parse_args, save_resolved_config
+from shared.cli import run_trainer
 from shared.data import build_dataset
 from shared.data.feature_cache import FeatureCache
 from shared.data.knn import knn_from_cache
@@ -47,8 +46,8 @@ from shared.dist import barrier, distributed
 from shared.evaluation import evaluate_head, score_summary
 from shared.finish import FinishedRun, export_metadata, finish_run
 from shared.logger import RunLogger
-from shared.run_dir import check_fresh_start, run_directory
 from shared.run_guard import StopSignal, check_finite
+from shared.run_start import open_run
 from shared.seed import seed_everything
 
 METHOD = "segunify"
@@ -138,14 +137,10 @@ def train_step(step: int, modules, compressor, optimizers, data: RunData, cfg: S
     return logs
 
 
-def main(cfg: SegUnifyConfig) -> FinishedRun | dict:
-    with distributed(cfg.device) as ctx:
+def main(cfg: SegUnifyConfig) -> FinishedRun:
+    # open_run: the run directory, locked for the run, checked (fresh start / same settings on resume), config.yaml.
+    with distributed(cfg.device) as ctx, open_run(cfg, METHOD, is_main=ctx.is_main) as run_dir:
         seed_everything(cfg.seed, cfg.deterministic)
-        run_dir = run_directory(cfg, METHOD)
-        check_fresh_start(run_dir, cfg.resume, cfg.overwrite)
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved_config(cfg, run_dir)
         logger = RunLogger(run_dir, enabled=ctx.is_main)
         backbone = build_backbone(cfg.backbone, cfg.backbone_weights or None, features=cfg.features,
                                   force_float32=cfg.force_float32, device=ctx.device)
@@ -181,7 +176,7 @@ def main(cfg: SegUnifyConfig) -> FinishedRun | dict:
                     logger.scalars(done, {k: float(v) for k, v in logs.items()}, prefix="train")
                     logger.scalars(done, {"step_ms": (time.perf_counter() - began) * 1e3}, prefix="time")
                 stopping = stop.sync()
-                if done % cfg.val_every == 0 or done == cfg.max_steps or stopping:
+                if done % cfg.val_every == 0 or done == cfg.max_steps:
                     scores = validate(modules, data, cfg, n_classes)
                     logger.scalars(done, score_summary(scores), prefix="val")
                     if ctx.is_main:
@@ -190,10 +185,14 @@ def main(cfg: SegUnifyConfig) -> FinishedRun | dict:
                             _keep_best(run_dir, modules, optimizers, done, cfg, scores["unsupervised"]["miou"])
                     logger.write(f"step {done}: val unsupervised mIoU {scores['unsupervised']['miou']:.2f}")
                     barrier()
+                elif stopping:  # saved without the extra validation: it could enter the best-checkpoint choice
+                    if ctx.is_main:
+                        save_state(run_dir / "checkpoints" / "last.pt", modules, optimizers, done, cfg)
+                    barrier()
                 if stopping:
                     logger.write(f"stopped at step {done}; resume with --resume auto")
                     logger.close()
-                    return {"stopped_at": done}
+                    raise stop.interrupted(done)  # the CLI exits 143 (SIGTERM) / 130 (SIGINT): the run did not finish
         finished = finish(cfg, modules, data, backbone, n_classes, run_dir, logger, ctx.is_main, ctx.device)
         logger.close()
         return finished
@@ -224,4 +223,4 @@ def finish(cfg: SegUnifyConfig, modules, data: RunData, backbone, n_classes: int
 
 
 if __name__ == "__main__":
-    main(parse_args(SegUnifyConfig, sys.argv[1:]))
+    run_trainer(main, SegUnifyConfig)

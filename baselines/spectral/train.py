@@ -11,8 +11,6 @@ Writes runs/spectral/<dataset>/<name>/{config.yaml, final_metrics.json, export/s
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,13 +20,13 @@ from baselines.spectral.config import SpectralConfig
 from baselines.spectral.model import SpectralHead
 from baselines.spectral.spectral import colour_affinity, segment_means, spectral_segments
 from shared.backbone import build_backbone, snap_to_patch
-from shared.config import parse_args, save_resolved_config
+from shared.cli import run_trainer
 from shared.data import build_dataset
 from shared.data.feature_cache import FeatureCache
 from shared.dist import resolve_device
 from shared.finish import FinishedRun, export_metadata, finish_run
 from shared.logger import RunLogger
-from shared.run_dir import check_fresh_start, run_directory
+from shared.run_start import open_run
 from shared.seed import seed_everything
 from shared.viz import colorize, default_palette, save_grid, to_uint8_image
 
@@ -106,11 +104,13 @@ def segments_figure(path, head: SpectralHead, val, val_ds, n_images: int) -> Non
 
 
 def main(cfg: SpectralConfig) -> FinishedRun:
+    # open_run: the run directory, locked for the run, checked (no fresh start over another run), config.yaml.
+    with open_run(cfg, METHOD) as run_dir:
+        return fit(cfg, run_dir)
+
+
+def fit(cfg: SpectralConfig, run_dir) -> FinishedRun:
     seed_everything(cfg.seed, cfg.deterministic)
-    run_dir = run_directory(cfg, METHOD)
-    check_fresh_start(run_dir, cfg.resume, cfg.overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(cfg, run_dir)
     logger = RunLogger(run_dir)
     device = resolve_device(cfg.device)
     backbone = build_backbone(cfg.backbone, cfg.backbone_weights or None, features=cfg.features,
@@ -154,4 +154,4 @@ def main(cfg: SpectralConfig) -> FinishedRun:
 
 
 if __name__ == "__main__":
-    main(parse_args(SpectralConfig, sys.argv[1:]))
+    run_trainer(main, SpectralConfig)
