@@ -51,7 +51,7 @@ def test_train_examples_name_existing_configs():
     checked = 0
     for command in make_commands():
         target = command[1]
-        if "<" in target:  # the template `make train-<method> DATASET=<config>`, not a command
+        if "<" in target or "DATASET" not in variables(command):  # the template, or a name mentioned in prose
             continue
         if not (target.startswith("train-") or target == "fit-kmeans"):
             continue
