@@ -217,7 +217,7 @@ def _evaluate(method: LoadedMethod, features: Any, flipped: Any, dataset: Any, o
     scored = WithEvaluatorProbe(segmenter, probe)
     scores = score_segmenter(scored, features, flipped=flipped, n_classes=options.n_classes,
                              extra_policy=options.extra_policy, batch_size=options.batch_size,
-                             crf_images=dataset if options.crf else None, device=options.device)
+                             crf_images=dataset if options.crf else None, device=options.device, crf_linear=False)
     result.unsupervised, result.linear, result.crf = scores["unsupervised"], scores.get("linear"), scores.get("crf")
     result.smoothed = scores.get("smoothed")
     measured = head_pass(segmenter, features, flipped, result.unsupervised["mapping"], options, figure_indices,

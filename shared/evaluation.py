@@ -101,7 +101,8 @@ def _check_inputs(features: Any, flipped: Any, crf_images: Any, n_classes: int, 
 def evaluate_head(head_fn: HeadFn, features: Any, *, flipped: Any | None, n_classes: int, n_clusters: int,
                   extra_policy: str = "error", batch_size: int = 16, crf_images: Any | None = None,
                   crf_workers: int | None = None, crf_timeout_s: float = 60.0, device: str | None = None,
-                  progress: Callable[[Iterable], Iterable] | None = None, keep: Iterable[int] = ()) -> dict:
+                  progress: Callable[[Iterable], Iterable] | None = None, keep: Iterable[int] = (),
+                  crf_linear: bool = True) -> dict:
     """Scores of ``head_fn`` on cached features.
 
     Args:
@@ -113,6 +114,8 @@ def evaluate_head(head_fn: HeadFn, features: Any, *, flipped: Any | None, n_clas
         crf_images: dataset whose items are dicts with "image" (3, R', R'); enables the CRF scores.
         device: where features go; default: the device of ``head_fn``'s parameters (cpu for plain functions).
         progress: optional wrapper around the batch iterator (e.g. ``RunLogger.progress``).
+        crf_linear: also refine the linear logits with the CRF (the comparison's table has no such column, and the
+            CRF is the dearest part of scoring, so `compare` turns it off).
         keep: image indices whose scored (flip-averaged, upsampled) cluster argmax and variance to return, for
             figures; only those in this rank's shard are returned.
     Returns:
@@ -161,7 +164,7 @@ def evaluate_head(head_fn: HeadFn, features: Any, *, flipped: Any | None, n_clas
                         _keep(kept, keep, idx, pred, logits["variance"], labels.shape[-2:])
                     if name != "unsupervised":
                         flags[0 if name == "linear" else 2] += len(idx)
-                    if pool is not None and name != "smoothed":
+                    if pool is not None and (name == "unsupervised" or (name == "linear" and crf_linear)):
                         crf_pred, timeouts = _crf_predictions(pool, images, lg, pred, crf_timeout_s)
                         accs[f"crf_{name}"].update(crf_pred, labels)
                         flags[1] += timeouts
@@ -173,7 +176,7 @@ def evaluate_head(head_fn: HeadFn, features: Any, *, flipped: Any | None, n_clas
     for acc in accs.values():
         acc.all_reduce()
     sdist.all_reduce_sum(flags)
-    out = _results(accs, flags, extra_policy, len(features.features), crf_images is not None)
+    out = _results(accs, flags, extra_policy, len(features.features), crf_images is not None, crf_linear)
     out["kept"] = kept
     return out
 
@@ -191,10 +194,11 @@ def _keep(kept: dict, keep: set[int], idx: np.ndarray, pred: torch.Tensor, varia
         kept[int(i)] = {"prediction": pred[b].numpy().astype(np.int64), "variance": var}
 
 
-def _results(accs: dict, flags: torch.Tensor, extra_policy: str, n_images: int, with_crf: bool) -> dict:
+def _results(accs: dict, flags: torch.Tensor, extra_policy: str, n_images: int, with_crf: bool,
+             crf_linear: bool) -> dict:
     has_linear = int(flags[0]) > 0
     enabled = {"unsupervised": True, "linear": has_linear, "crf_unsupervised": with_crf,
-               "crf_linear": with_crf and has_linear, "smoothed": int(flags[2]) > 0}
+               "crf_linear": with_crf and has_linear and crf_linear, "smoothed": int(flags[2]) > 0}
     out: dict = {}
     for name in RESULT_KEYS:
         matching = "identity" if name.endswith("linear") else "hungarian"
@@ -209,14 +213,16 @@ def _results(accs: dict, flags: torch.Tensor, extra_policy: str, n_images: int, 
 
 def score_segmenter(segmenter: Any, features: Any, *, flipped: Any | None, n_classes: int, extra_policy: str,
                     batch_size: int = 16, crf_images: Any | None = None, device: str | None = None,
-                    keep: Iterable[int] = (), progress: Callable[[Iterable], Iterable] | None = None) -> dict:
+                    keep: Iterable[int] = (), progress: Callable[[Iterable], Iterable] | None = None,
+                    crf_linear: bool = True) -> dict:
     """Score a loaded exported segmenter: the one code path behind a trainer's final numbers and `compare`'s.
 
     The number of clusters comes from the segmenter's metadata; see :func:`evaluate_head` for the rest.
     """
     return evaluate_head(segmenter, features, flipped=flipped, n_classes=n_classes,
                          n_clusters=int(segmenter.metadata["n_clusters"]), extra_policy=extra_policy,
-                         batch_size=batch_size, crf_images=crf_images, device=device, keep=keep, progress=progress)
+                         batch_size=batch_size, crf_images=crf_images, device=device, keep=keep, progress=progress,
+                         crf_linear=crf_linear)
 
 
 def score_summary(scores: dict) -> dict:
