@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from spectral_planted import kmeans_miou, miou_of_logits, stego_synthetic
+from planted_benchmark import kmeans_miou, miou_of_logits, stego_synthetic
 
 from baselines.spectral.clustering import cluster_descriptors
 from baselines.spectral.config import SpectralConfig

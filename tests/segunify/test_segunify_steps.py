@@ -4,7 +4,7 @@ of the global identities, and the planted-class benchmark against the k-means ba
 import numpy as np
 import pytest
 import torch
-from segunify_planted import kmeans_miou, miou_of_logits, stego_synthetic
+from planted_benchmark import kmeans_miou, miou_of_logits, stego_synthetic
 
 from segunify.config import SegUnifyConfig
 from segunify.losses import labeler_loss

@@ -1,8 +1,8 @@
 """The planted-class synthetic benchmark the STEGO tests use (tests/stego/stego_synthetic.py), and the cosine k-means
-baseline's mIoU on it, for the spectral baseline's tests to compare against.
+baseline's mIoU on it, for the SegUnify and spectral-baseline tests to compare against.
 
-The STEGO helper is loaded by its path: pytest puts only this folder on sys.path, and tests are not methods, so
-sharing a test helper does not break the rule that methods never import each other.
+It sits in tests/ (on sys.path through tests/conftest.py's folder); the STEGO helper is loaded by its path. Tests
+are not methods, so sharing a test helper does not break the rule that methods never import each other.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from baselines.kmeans.kmeans import cosine_kmeans
 from shared.metrics import segmentation_scores
 
-_HELPER = Path(__file__).resolve().parents[1] / "stego" / "stego_synthetic.py"
+_HELPER = Path(__file__).resolve().parent / "stego" / "stego_synthetic.py"
 
 
 def stego_synthetic():
