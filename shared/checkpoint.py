@@ -219,14 +219,18 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_states[0])
 
 
-def gather_rng_states() -> list[dict]:
-    """Every rank's ``rng_state()``, indexed by rank (a collective: call it on all ranks before saving)."""
-    mine = rng_state()
+def gather_rng_states(local: list[dict] | None = None) -> list[dict]:
+    """Every rank's ``rng_state()``, indexed by rank (a collective: call it on all ranks before saving).
+
+    ``local``: this process's entries when it stands for several ranks (STEGO's ``micro_batches``: one entry per
+    virtual rank, in order); default ``[rng_state()]``. The result is the ranks' lists concatenated in rank order.
+    """
+    mine = [rng_state()] if local is None else list(local)
     if not (sdist.is_initialized() and sdist.get_world_size() > 1):
-        return [mine]
+        return mine
     everyone: list[Any] = [None] * sdist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    return everyone
+    return [entry for entries in everyone for entry in entries]
 
 
 # ----------------------------------------------------------------------------------------------- build / restore

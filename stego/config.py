@@ -40,7 +40,12 @@ class StegoConfig(RunConfig):
     lr_head: float = positive(5e-4)
     lr_linear: float = positive(5e-3)
     lr_cluster: float = positive(5e-3)
-    batch_size: int = ranged(16, 1)
+    batch_size: int = ranged(16, 1)  # per process and micro-batch
+    # Gradient accumulation over M micro-batches of batch_size, each a "virtual rank" with its own index shard, kNN
+    # draws and dropout/grid stream: W processes with micro_batches=M train exactly what a W·M-rank job does. It
+    # exists to reproduce a multi-GPU run on one device, or to fit a larger effective batch (correspondence
+    # negatives stay within each micro-batch, as within each rank). Not in the original code. 1 = no accumulation.
+    micro_batches: int = ranged(1, 1)
     max_steps: int = ranged(5000, 1)
     # The linear probe's loss upsamples its logits to the label size (224x224), which costs more than the rest of
     # a cached step on CPU (~0.9 of 1.25 s at batch 16). Stride 4 scores every 4th label pixel in each direction

@@ -6,9 +6,13 @@ run-directory plumbing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from shared.dist import all_reduce_mean
@@ -16,20 +20,25 @@ from shared.probes import ClusterProbe, LinearProbe
 from stego.config import StegoConfig
 from stego.losses import correspondence_loss
 from stego.model import StegoEvalHead, StegoHead
+from stego.rank_streams import RankStreams
+
+# A micro-batch's (feats, feats_knn, labels): see `step_losses`.
+MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 class IndexStream:
     """Per-rank batch indices as a function of the step, so a resumed run sees the same batches.
 
     A `DistributedSampler` (shuffled, seeded, `set_epoch` per epoch) splits each epoch's permutation across
-    ranks; a step reads one slice of `batch_size` indices of its rank's share.
+    ranks; a step reads one slice of `batch_size` indices of its rank's share. With micro-batches, `rank` and
+    `world_size` are the virtual rank and the number of virtual ranks (processes x micro_batches).
     """
 
     def __init__(self, n_items: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
         if n_items < 2 * world_size:
-            raise ValueError(f"the training split has {n_items} images but STEGO needs at least 2 per process "
-                             f"({world_size} processes) to draw negative pairs; use a larger train_split or fewer "
-                             "processes.")
+            raise ValueError(f"the training split has {n_items} images but STEGO needs at least 2 per process and "
+                             f"micro-batch ({world_size} in all) to draw negative pairs; use a larger train_split, "
+                             "fewer processes or fewer micro_batches.")
         self.sampler = DistributedSampler(range(n_items), num_replicas=world_size, rank=rank, shuffle=True,
                                           seed=seed, drop_last=True)
         self.batch_size = min(batch_size, len(self.sampler))
@@ -110,14 +119,47 @@ def step_losses(modules: nn.ModuleDict, head: nn.Module, feats: torch.Tensor, fe
 
 
 def apply_gradients(total: torch.Tensor, modules: nn.ModuleDict, optimizers: dict[str, torch.optim.Optimizer]) -> None:
-    """Backward and one step of every optimizer.
+    """Backward and one step of every optimizer (one batch; `accumulate_gradients` is the micro-batch case).
 
     The head's gradients are averaged by DDP; the probes are not wrapped, so their gradients are averaged over
     the ranks here (a no-op in a single process).
     """
+    _zero_gradients(optimizers)
+    total.backward()
+    step_optimizers(modules, optimizers)
+
+
+def accumulate_gradients(modules: nn.ModuleDict, head: nn.Module, optimizers: dict[str, torch.optim.Optimizer],
+                         load_micro_batch: Callable[[int], MicroBatch], cfg: StegoConfig,
+                         streams: RankStreams) -> dict[str, torch.Tensor]:
+    """The gradients of one step over this process's `streams.count` micro-batches (its virtual ranks).
+
+    `load_micro_batch(m)` returns micro-batch m; it and m's forward and backward run on m's random stream. Each
+    loss is scaled by 1/M and the gradients accumulate, which is the average a data-parallel job of that many
+    more ranks takes (under DDP the head's gradients are all-reduced by the last backward only: `no_sync` before
+    it). `step_optimizers` then applies them. Returns the losses averaged over the micro-batches.
+    """
+    count = streams.count
+    _zero_gradients(optimizers)
+    sums: dict[str, torch.Tensor] = {}
+    for m in range(count):
+        last = m == count - 1
+        sync = head.no_sync() if isinstance(head, DistributedDataParallel) and not last else nullcontext()
+        with streams.use(m), sync:
+            feats, feats_knn, labels = load_micro_batch(m)
+            total, logs = step_losses(modules, head, feats, feats_knn, labels, cfg)
+            (total / count).backward()
+        sums = logs if m == 0 else {key: sums[key] + value for key, value in logs.items()}
+    return {key: value / count for key, value in sums.items()}
+
+
+def _zero_gradients(optimizers: dict[str, torch.optim.Optimizer]) -> None:
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
-    total.backward()
+
+
+def step_optimizers(modules: nn.ModuleDict, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """Average the probes' gradients over the processes (they are not DDP-wrapped), then step every optimizer."""
     for name in ("linear_probe", "cluster_probe"):
         for param in modules[name].parameters():
             if param.grad is not None:

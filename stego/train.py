@@ -6,15 +6,18 @@
 Setup (`main`): run directory, backbone, datasets, feature caches, kNN file, head + probes, optimizers.
 Loop: each step draws a batch of cached features and one kNN partner per image, runs the head, and applies
 the correspondence loss (head) and the two probe losses (probes, on the detached code), each part with its
-own Adam. Validation every `val_every` steps logs the scores and writes checkpoints/last.pt (and, with
-`select_by=val_miou`, checkpoints/best.pt by validation mIoU, which uses labels). Finally `shared.finish` exports
-the last step's head (or the best, with that option) to export/segmenter.pt2 and scores the reloaded export.
+own Adam. With `micro_batches=M` a step accumulates M such batches, each a virtual rank (`stego.rank_streams`),
+so W processes train what a W·M-rank job trains. Validation every `val_every` steps logs the scores and writes
+checkpoints/last.pt (and, with `select_by=val_miou`, checkpoints/best.pt by validation mIoU, which uses labels).
+Finally `shared.finish` exports the last step's head (or the best, with that option) to export/segmenter.pt2 and
+scores the reloaded export.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +45,16 @@ from shared.run_guard import StopSignal, check_finite
 from shared.run_start import open_run
 from shared.seed import seed_everything
 from stego.config import StegoConfig
+from stego.rank_streams import RankStreams, check_job_size
 from stego.steps import (
     IndexStream,
-    apply_gradients,
+    MicroBatch,
+    accumulate_gradients,
     build_modules,
     build_optimizers,
     eval_head,
     knn_partners,
-    step_losses,
+    step_optimizers,
 )
 
 METHOD = "stego"
@@ -110,6 +115,17 @@ def load_batch(data: RunData, backbone, indices: np.ndarray, device: torch.devic
     return backbone(images), labels  # (B, C, h, w), frozen, no grad
 
 
+def load_micro_batch(data: RunData, backbone, cfg: StegoConfig, streams: list[IndexStream], first_rank: int,
+                     step: int, device: torch.device, m: int) -> MicroBatch:
+    """Features, kNN partners' features and labels of micro-batch `m` (virtual rank first_rank + m) at `step`."""
+    indices = streams[m].batch(step)
+    # The partner draw depends only on (seed, rank, step), so resuming repeats it exactly.
+    partners = knn_partners(data.knn, indices, cfg.knn_top, np.random.default_rng([cfg.seed, first_rank + m, step]))
+    feats, labels = load_batch(data, backbone, indices, device, with_labels=True)
+    feats_knn, _ = load_batch(data, backbone, partners, device, with_labels=False)
+    return feats, feats_knn, labels
+
+
 def validate(modules, data: RunData, cfg: StegoConfig, n_classes: int, crf: bool = False) -> dict:
     """Flip-averaged scores of the current head on the cached validation features (DDP-sharded).
 
@@ -146,32 +162,32 @@ def main(cfg: StegoConfig) -> FinishedRun:
         modules = build_modules(cfg, backbone.feature_dim, n_classes).to(ctx.device)
         optimizers = build_optimizers(cfg, modules)
         head = DistributedDataParallel(modules["head"]) if ctx.world_size > 1 else modules["head"]
+        # Virtual ranks rank·M ... rank·M + M - 1 of a job of W·M (M = micro_batches): their random streams (seeded
+        # seed + virtual rank, so ranks draw different dropout masks and grids) and their shares of the indices.
+        rng_streams = RankStreams(cfg.seed, ctx.rank, cfg.micro_batches, ctx.device)
+        n_ranks = ctx.world_size * cfg.micro_batches
         start, best = 0, -1.0
         resume_path = resolve_resume(cfg.resume, run_dir)
         if resume_path is not None:
             state = load_checkpoint(resume_path)
-            start = restore_checkpoint(state, model=modules, optimizers=optimizers, method=METHOD)
+            check_job_size(state.get("rng"), resume_path, ctx.world_size, cfg.micro_batches)
+            start = restore_checkpoint(state, model=modules, optimizers=optimizers, method=METHOD, restore_rng=False)
+            rng_streams.restore(state["rng"])
             best = float(state.get("extra", {}).get("best_miou", -1.0))
             logger.write(f"resumed from {resume_path} at step {start}")
-        else:
-            torch.manual_seed(cfg.seed + ctx.rank)  # ranks draw different dropout masks and grids
 
-        stream = IndexStream(len(data.train_ds), cfg.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                             seed=cfg.seed)
+        index_streams = [IndexStream(len(data.train_ds), cfg.batch_size, rank=rng_streams.first + m,
+                                     world_size=n_ranks, seed=cfg.seed) for m in range(cfg.micro_batches)]
         ckpt_dir = run_dir / "checkpoints"
         with StopSignal() as stop:
             for step in logger.progress(range(start, cfg.max_steps), total=cfg.max_steps - start, desc="stego"):
                 began = time.perf_counter()
-                indices = stream.batch(step)
-                # The partner draw depends only on (seed, rank, step), so resuming repeats it exactly.
-                partners = knn_partners(data.knn, indices, cfg.knn_top,
-                                        np.random.default_rng([cfg.seed, ctx.rank, step]))
-                feats, labels = load_batch(data, backbone, indices, ctx.device, with_labels=True)
-                feats_knn, _ = load_batch(data, backbone, partners, ctx.device, with_labels=False)
                 modules.train()
-                total, logs = step_losses(modules, head, feats, feats_knn, labels, cfg)
-                check_finite(total, step)
-                apply_gradients(total, modules, optimizers)
+                load = partial(load_micro_batch, data, backbone, cfg, index_streams, rng_streams.first, step,
+                               ctx.device)
+                logs = accumulate_gradients(modules, head, optimizers, load, cfg, rng_streams)
+                check_finite(logs["loss/total"], step)  # before the step is applied: the weights stay the last good
+                step_optimizers(modules, optimizers)
                 done = step + 1
                 if done % cfg.log_every == 0:
                     logger.scalars(done, {k: float(v) for k, v in logs.items()}, prefix="train")
@@ -181,7 +197,8 @@ def main(cfg: StegoConfig) -> FinishedRun:
                     scores = validate(modules, data, cfg, n_classes)
                     logger.scalars(done, score_summary(scores), prefix="val")
                     miou = scores["unsupervised"]["miou"]
-                    rng = gather_rng_states()  # collective: every rank resumes its own dropout and grid stream
+                    # Collective: every (virtual) rank resumes its own dropout and grid stream.
+                    rng = gather_rng_states(rng_streams.checkpoint_entries())
                     if ctx.is_main:
                         if cfg.select_by == "val_miou" and miou > best:  # uses labels: only when asked for
                             best = miou
@@ -192,7 +209,7 @@ def main(cfg: StegoConfig) -> FinishedRun:
                 elif stopping:
                     # Saved without the extra validation: it would let the stop step enter the best-checkpoint
                     # choice, which an uninterrupted run never makes there.
-                    rng = gather_rng_states()
+                    rng = gather_rng_states(rng_streams.checkpoint_entries())
                     if ctx.is_main:
                         save_state(ckpt_dir / "last.pt", modules, optimizers, done, cfg, best, rng)
                     barrier()

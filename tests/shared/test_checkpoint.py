@@ -207,5 +207,13 @@ def test_rng_state_is_weights_only_loadable(tmp_path):
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
 
 
+
+def test_gather_rng_states_takes_a_process_s_entries_for_several_ranks():
+    assert len(ckpt.gather_rng_states()) == 1
+    entries = [ckpt.rng_state(), {**ckpt.rng_state(), "torch": torch.manual_seed(7).get_state()}]
+    gathered = ckpt.gather_rng_states(entries)  # one process: its entries, in order
+    assert len(gathered) == 2 and all(a is b for a, b in zip(gathered, entries, strict=True))
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

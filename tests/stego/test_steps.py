@@ -1,4 +1,6 @@
-"""STEGO's training step on fake cached features: partners, gradients, the index stream, and learning."""
+"""STEGO's training step on fake cached features: partners, gradients, the index stream, micro-batches, learning."""
+
+import copy
 
 import numpy as np
 import pytest
@@ -8,14 +10,17 @@ from stego_synthetic import knn_of, make_synthetic
 
 from shared.metrics import segmentation_scores
 from stego.config import StegoConfig
+from stego.rank_streams import RankStreams
 from stego.steps import (
     IndexStream,
+    accumulate_gradients,
     apply_gradients,
     build_modules,
     build_optimizers,
     eval_head,
     knn_partners,
     step_losses,
+    step_optimizers,
 )
 
 
@@ -89,6 +94,70 @@ def test_linear_label_stride_scores_every_sth_pixel():
     with torch.no_grad():
         expected = probe.loss(probe(modules["head"](feats)[1]), labels[:, ::2, ::2])
     assert float(logs["loss/linear"]) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_micro_batch_steps_equal_averaged_half_steps():
+    """micro_batches=2 on one process: each step is the mean of the gradients of two batches, each drawn as a rank
+    of a two-rank job would (its own index shard, kNN draw and torch stream seeded seed + rank)."""
+    data = make_synthetic(n_images=8)
+    knn = knn_of(data)
+    cfg = StegoConfig(code_dim=6, feature_samples=4, neg_samples=2, batch_size=2, micro_batches=2, seed=5)
+    torch.manual_seed(0)
+    modules = build_modules(cfg, data.features.shape[1], 4).train()
+    reference, initial = copy.deepcopy(modules), copy.deepcopy(modules)
+    optimizers, reference_optimizers = build_optimizers(cfg, modules), build_optimizers(cfg, reference)
+    shards = [IndexStream(len(data), 2, rank=r, world_size=2, seed=cfg.seed) for r in range(2)]
+
+    def micro_batch(rank, step):
+        return _batch(data, knn, shards[rank].batch(step), np.random.default_rng([cfg.seed, rank, step]))
+
+    streams = RankStreams(cfg.seed, 0, 2, torch.device("cpu"))
+    states = []
+    for rank in range(2):  # what each rank of a two-rank job starts from
+        torch.manual_seed(cfg.seed + rank)
+        states.append(torch.get_rng_state())
+    params = list(reference.parameters())
+    for step in range(2):
+        logs = accumulate_gradients(modules, modules["head"], optimizers, lambda m, step=step: micro_batch(m, step),
+                                    cfg, streams)
+        step_optimizers(modules, optimizers)
+        grads, losses = [], []
+        for rank in range(2):
+            torch.set_rng_state(states[rank])
+            total, _ = step_losses(reference, reference["head"], *micro_batch(rank, step), cfg)
+            grads.append(torch.autograd.grad(total, params))
+            states[rank] = torch.get_rng_state()
+            losses.append(float(total.detach()))
+        for param, g0, g1 in zip(params, *grads, strict=True):
+            param.grad = (g0 + g1) / 2
+        for optimizer in reference_optimizers.values():
+            optimizer.step()
+        assert float(logs["loss/total"]) == pytest.approx(sum(losses) / 2, rel=1e-6)  # logged: the mean
+        for (name, ours), theirs in zip(modules.named_parameters(), params, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6, msg=name)
+    moved = [not torch.equal(a, b) for a, b in zip(modules.parameters(), initial.parameters(), strict=True)]
+    assert all(moved)  # every part took its steps
+
+
+def test_one_micro_batch_is_the_plain_step():
+    """micro_batches=1 (the default) computes exactly what backward + apply_gradients computes."""
+    data = make_synthetic(n_images=8)
+    knn = knn_of(data)
+    cfg = StegoConfig(code_dim=6, feature_samples=4, neg_samples=2, batch_size=4)
+    torch.manual_seed(0)
+    modules = build_modules(cfg, data.features.shape[1], 4).train()
+    reference = copy.deepcopy(modules)
+    optimizers, reference_optimizers = build_optimizers(cfg, modules), build_optimizers(cfg, reference)
+    batch = _batch(data, knn, np.arange(4), np.random.default_rng(0))
+    streams = RankStreams(3, 0, 1, torch.device("cpu"))
+    logs = accumulate_gradients(modules, modules["head"], optimizers, lambda m: batch, cfg, streams)
+    step_optimizers(modules, optimizers)
+    torch.manual_seed(3)
+    total, expected = step_losses(reference, reference["head"], *batch, cfg)
+    apply_gradients(total, reference, reference_optimizers)
+    assert {k: float(v) for k, v in logs.items()} == {k: float(v) for k, v in expected.items()}
+    for (name, ours), theirs in zip(modules.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(ours, theirs), name
 
 
 def _train_and_score(data, knn, steps, train_head):

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from shared.backbone import build_backbone
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import CheckpointError, load_checkpoint
 from shared.config import load_config
+from shared.run_start import ResumeMismatchError
 from shared.segmenter import load
 from stego.config import StegoConfig
 from stego.steps import build_modules, eval_head
@@ -107,6 +108,36 @@ def test_resumed_run_equals_uninterrupted(tiny_run):
         assert torch.equal(value, resumed["model"][key]), key
 
 
+def test_resumed_micro_batch_run_equals_uninterrupted(tiny_run):
+    """micro_batches=2: the checkpoint holds both virtual ranks' streams, and a resume continues both; a resume with
+    another micro_batches (another effective batch) is refused by the run's config check."""
+    root, cache, _ = tiny_run
+    common = [*_paths(root, cache), *SMALL, "val_every=2", "micro_batches=2", "batch_size=2"]
+    main(load_config(StegoConfig, TINY, [*common, "name=micro_straight", "max_steps=3"]))
+    main(load_config(StegoConfig, TINY, [*common, "name=micro_resumed", "max_steps=2"]))
+    with pytest.raises(ResumeMismatchError, match="micro_batches: 2 in the checkpoint, 1 now"):
+        main(load_config(StegoConfig, TINY, [*common, "name=micro_resumed", "max_steps=3", "resume=auto",
+                                             "micro_batches=1"]))
+    main(load_config(StegoConfig, TINY, [*common, "name=micro_resumed", "max_steps=3", "resume=auto"]))
+    runs = root / "runs" / "stego" / "camvid_sample"
+    straight = load_checkpoint(runs / "micro_straight" / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(runs / "micro_resumed" / "checkpoints" / "last.pt")
+    assert straight["step"] == resumed["step"] == 3
+    assert len(resumed["rng"]) == 2  # one stream per virtual rank
+    assert not torch.equal(resumed["rng"][0]["torch"], resumed["rng"][1]["torch"])
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_a_resume_with_another_number_of_ranks_is_refused(tmp_path):
+    from stego.rank_streams import check_job_size
+
+    check_job_size([{}, {}, {}, {}], tmp_path / "last.pt", world_size=2, micro_batches=2)
+    with pytest.raises(CheckpointError, match=r"job of 4 rank\(s\).*runs 1 process\(es\) x micro_batches=2; "
+                                              r"resume with 2 process\(es\)"):
+        check_job_size([{}, {}, {}, {}], tmp_path / "last.pt", world_size=1, micro_batches=2)
+
+
 def test_select_by_val_miou_exports_the_best_validated_head(tiny_run):
     root, cache, _ = tiny_run
     common = [*_paths(root, cache), *SMALL, "val_every=1", "max_steps=3"]
@@ -173,3 +204,24 @@ def test_two_rank_resumed_run_equals_uninterrupted(tmp_path):
     assert len(resumed["rng"]) == 2  # one stream per rank
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
+
+
+@pytest.mark.slow  # a two-process torchrun and a single process of the tiny config: about a minute and a half
+def test_two_processes_of_two_micro_batches_equal_one_process_of_four(tmp_path):
+    """Both are a job of 4 virtual ranks of batch 2: under DDP the first micro-batch's backward runs in `no_sync` and
+    the last all-reduces the accumulated gradients. (One process of micro_batches=2 against two plain ranks is
+    tests/stego/test_train_two_nodes.py.)"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    common = ["-m", "stego.train", "--config", str(TINY), *_paths(tmp_path, tmp_path / "features"), *SMALL,
+              "device=cpu", "batch_size=2"]
+    for launch in ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+                    "name=ddp", "micro_batches=2"], [sys.executable, *common, "name=single", "micro_batches=4"]):
+        done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    runs = tmp_path / "runs" / "stego" / "camvid_sample"
+    ddp = load_checkpoint(runs / "ddp" / "checkpoints" / "last.pt")
+    single = load_checkpoint(runs / "single" / "checkpoints" / "last.pt")
+    assert len(ddp["rng"]) == len(single["rng"]) == 4
+    for key, value in single["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=0, atol=1e-6, msg=key)
