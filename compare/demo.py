@@ -40,8 +40,10 @@ RANDOM = "none"
 METHODS: list[str] = ["stego", "kmeans", "spectral", "primaps", "primaps+stego", "eagle", "segunify", "pusegnet"]
 
 REPO = Path(__file__).resolve().parents[1]
-FULL = {"resolution": 322, "run_name": "demo"}
-FAST = {"resolution": 56, "run_name": "demo_fast"}
+# probe_resolution: the evaluator's linear probe is fitted on the training split at the resolution the demo configs
+# train at (224), so it reads the trainers' caches instead of a second backbone pass over the split at 322.
+FULL = {"resolution": 322, "probe_resolution": 224, "run_name": "demo"}
+FAST = {"resolution": 56, "probe_resolution": None, "run_name": "demo_fast"}
 
 
 def banner(lines: list[str]) -> str:
@@ -164,7 +166,9 @@ def _train_seed(out: Path, weights: str, weights_id: str, cache_dir: str, fast: 
         config = demo_config(method, fast)
         argv = ["-m", f"{str(method_dir(method)).replace('/', '.')}.train", "--config", str(config),
                 f"name={name}", f"output_root={out / 'runs'}", f"backbone_weights={weights}", f"cache_dir={cache_dir}",
-                f"val_resolution={resolution}", "device=cpu"] + ([f"seed={seed}"] if suffix else [])
+                f"val_resolution={resolution}", "device=cpu",
+                # The comparison scores every method with the CRF; the trainers' own final CRF pass would repeat it.
+                "crf_at_end=false"] + ([f"seed={seed}"] if suffix else [])
         if base:
             argv.append(f"base_segmenter={runs[base] / 'export' / 'segmenter.pt2'}")
         if fast:
@@ -201,7 +205,7 @@ def run_demo(out: str | Path = "demo_output", weights: str | None = None, fast: 
     output = run_comparison(CompareSettings(
         dataset=DATASET, runs=runs, split="val", resolution=settings["resolution"],
         backbone_weights=weights, out=str(out / "compare"), cache_dir=cache_dir, device="cpu",
-        crf=True, figure_rows=4, panel=96 if fast else 160))
+        crf=True, figure_rows=4, panel=96 if fast else 160, probe_resolution=settings["probe_resolution"]))
     print_summary(output)
     print(f"[demo] finished in {time.perf_counter() - started:.0f} s", flush=True)
     return output

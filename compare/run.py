@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,10 @@ class CompareSettings:
     figure_rows: int = 4
     panel: int = 160
     probe_split: str = "train"  # the split the evaluator's linear probe is fitted on ("" = no linear columns)
+    # The resolution of that split's features; None = the evaluation resolution. The probe is a 1x1 layer on the
+    # code, so it can be fitted at the methods' training resolution (as STEGO fits its own probe) and reuse the
+    # training caches instead of a backbone pass over the split at the evaluation size.
+    probe_resolution: int | None = None
 
 
 @dataclass
@@ -190,7 +195,9 @@ def _evaluate_group(key: tuple, methods: list[LoadedMethod], dataset: Any, train
         group["features"].append(featurizer.descriptor)
         labels = features.labels if labels is None else labels
         for m in members:
+            began = time.perf_counter()
             results[m.path] = evaluate_method(m, features, flipped, dataset, options, figure_indices, train)
+            print(f"[compare] {m.name}: {results[m.path].status} in {time.perf_counter() - began:.0f} s", flush=True)
     return group, results, labels
 
 
@@ -209,7 +216,7 @@ def run_comparison(settings: CompareSettings) -> ComparisonOutput:
     train_dataset = None
     if settings.probe_split:
         train_dataset = build_dataset(settings.dataset, settings.probe_split, data_root=settings.data_root,
-                                      resolution=resolution)
+                                      resolution=settings.probe_resolution or resolution)
     recipe = ProbeRecipe() if settings.probe_split else None
     options = EvalOptions(n_classes=dataset.n_classes, extra_policy=settings.extra_policy, crf=settings.crf,
                           batch_size=settings.batch_size, device=device, probe_recipe=recipe)
@@ -229,7 +236,8 @@ def run_comparison(settings: CompareSettings) -> ComparisonOutput:
               "resolution": resolution, "backbones": header_groups, "extra_policy": settings.extra_policy,
               "crf": settings.crf, "batch_size": settings.batch_size, "device": options.device,
               "runs": list(settings.runs), "figure": None,
-              "linear_probe": recipe.describe() + f" (split {settings.probe_split!r})" if recipe else None}
+              "linear_probe": recipe.describe() + f" (split {settings.probe_split!r} at {train_dataset.resolution} px)"
+              if recipe else None}
     rows, seeds = seed_rows(methods, results)
     shown = [results[j] for j in figure_members(seeds)]  # one seed (the first) per group
 
@@ -284,6 +292,9 @@ def parse_args(argv: list[str] | None = None) -> CompareSettings:
     parser.add_argument("--figure-rows", type=at_least(0), default=4)
     parser.add_argument("--probe-split", default="train",
                         help="split the evaluator's linear probe is fitted on; '' for no linear columns")
+    parser.add_argument("--probe-resolution", type=at_least(8), default=None,
+                        help="resolution of the probe split's features (default: --resolution); the methods' "
+                             "training resolution reuses their caches")
     args = parser.parse_args(argv)
     runs = [part for item in args.runs for part in split_runs(item)] + [r for r in args.run if r.strip()]
     if not runs:
@@ -294,7 +305,7 @@ def parse_args(argv: list[str] | None = None) -> CompareSettings:
                            extra_policy=args.extra_policy, crf=args.crf,
                            allow_mixed_backbones=args.allow_mixed_backbones, out=args.out, cache_dir=args.cache_dir,
                            batch_size=args.batch_size, device=args.device, figure_rows=args.figure_rows,
-                           probe_split=args.probe_split)
+                           probe_split=args.probe_split, probe_resolution=args.probe_resolution)
 
 
 def print_summary(output: ComparisonOutput) -> None:

@@ -136,7 +136,10 @@ def fit_evaluator_probe(code_fn, features, labels, n_classes: int, recipe: Probe
     optimizer = torch.optim.Adam(probe.parameters(), lr=recipe.lr)
     for _ in range(recipe.steps):
         pick = torch.randint(len(y_all), (min(recipe.batch_size, len(y_all)),), generator=generator)
-        logits = probe.conv(x_all[pick][:, :, None, None])[:, :, 0, 0]
+        # The 1x1 convolution as the matrix product it is: conv2d over a batch of 4096 one-pixel images is ~50x
+        # slower on the CPU than the same weights through F.linear.
+        weight = probe.conv.weight.view(probe.conv.weight.shape[0], -1)
+        logits = F.linear(x_all[pick], weight, probe.conv.bias)
         loss = F.cross_entropy(logits, y_all[pick])
         optimizer.zero_grad()
         loss.backward()

@@ -89,6 +89,26 @@ def test_linear_columns_come_from_the_evaluator_probe(toy_world):
     assert "fitted by the evaluator" in out.paths["report"].read_text()
 
 
+def test_probe_split_is_read_at_the_probe_resolution(toy_world, monkeypatch):
+    """--probe-resolution builds the probe's split at that size (the demo reuses the trainers' 224 px caches) while
+    the scored split stays at --resolution; the report names the size the probe was fitted at."""
+    import shared.data
+
+    asked = []
+
+    def build_dataset(name, split, **kwargs):
+        asked.append((split, kwargs.get("resolution")))
+        return toy_world.dataset
+
+    monkeypatch.setattr(shared.data, "build_dataset", build_dataset)
+    out = run_comparison(settings(toy_world, [toy_world.runs["a"]], probe_split="train", probe_resolution=8,
+                                  crf=False))
+    assert asked == [("val", 4), ("train", 8)]
+    assert f"(split 'train' at {toy_world.dataset.resolution} px)" in out.header["linear_probe"]
+    assert parse_args(["--dataset", "toy", "--runs", "x", "--probe-resolution", "224"]).probe_resolution == 224
+    assert parse_args(["--dataset", "toy", "--runs", "x"]).probe_resolution is None
+
+
 def test_exported_variance_is_the_uncertainty_map(toy_world):
     """B's program exports a variance output; the figure's uncertainty is it, upsampled and divided per image by its
     maximum (part of the export contract, not a fake head)."""
