@@ -1,7 +1,7 @@
 """The synthetic benchmark of PU-SegNet's "numbers to reach", on plain tensors (no backbone).
 
 Images have planted classes (Voronoi regions of random seeds); a pixel's feature is its class prototype plus a
-per-image style vector plus noise, blurred over 3x3 so that boundary pixels mix their neighbours' classes. The
+per-image style vector plus noise, blurred over 5x5 so that boundary pixels mix their neighbours' classes. The
 base segmenter is a STEGO-like cosine cluster probe (centres at the prototypes, alpha = 2) whose predictions
 are corrupted on 20% of the pixels by structured noise near the class boundaries: spatially coherent runs of
 boundary pixels (where a smooth random field is high) take the class of their nearest other-class pixel, by
@@ -45,16 +45,22 @@ def planted_maps(n: int, generator: torch.Generator, n_seeds: int = 4) -> torch.
 
 
 def nearest_other_class(maps: torch.Tensor, radius: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance (Chebyshev, up to ``radius + 1``) of every pixel to a pixel of another class, and that class."""
+    """Distance (Chebyshev, up to ``radius + 1``) of every pixel to a pixel of another class, and that class.
+
+    Only pixels inside the image count: the maps are padded with -1, not rolled, so that the left edge does not
+    see the right edge's class as a neighbour (with wrap-around, a third of the "boundary" noise lay on the
+    image border, far from any class boundary)."""
     distance = torch.full(maps.shape, radius + 1)
     other = maps.clone()
+    padded = F.pad(maps, (radius, radius, radius, radius), value=-1)
+    height, width = maps.shape[1:]
     for r in range(radius, 0, -1):  # smaller radii overwrite larger ones
         for dy in range(-r, r + 1):
             for dx in range(-r, r + 1):
                 if max(abs(dy), abs(dx)) != r:
                     continue
-                shifted = torch.roll(maps, shifts=(dy, dx), dims=(1, 2))
-                hit = shifted != maps
+                shifted = padded[:, radius + dy:radius + dy + height, radius + dx:radius + dx + width]
+                hit = (shifted >= 0) & (shifted != maps)
                 distance = torch.where(hit & (distance >= r), torch.full_like(distance, r), distance)
                 other = torch.where(hit & (distance == r), shifted, other)
     return distance, other

@@ -35,7 +35,8 @@ def test_full_benchmark_against_the_base(full):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not reached reliably: on this benchmark the SNGP head's ECE is within "
-                   "+-0.005 of the deterministic ablation's (seeds 0-2); see pusegnet/README.md")
+@pytest.mark.xfail(strict=False, reason="not reached: both heads are under-confident against the truth and the "
+                   "mean-field scaling can only lower confidence, so the SNGP head's ECE is 0.009-0.019 above the "
+                   "ablation's on seeds 0-4; see pusegnet/README.md")
 def test_full_benchmark_against_the_deterministic_ablation(full):
     assert full["pusegnet"]["ece"] < full["deterministic"]["ece"]
