@@ -21,6 +21,7 @@ custom objects, and only then hands the same bytes to `torch.export.load`.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -145,8 +146,10 @@ def save(path: str | os.PathLike, head: nn.Module, example_features: torch.Tenso
     where = str(path)
     b, c, h, w = example_features.shape
     metadata = check_metadata({"format": FORMAT, "version": VERSION, **metadata, "feature_dim": int(c)}, where)
-    head = head.eval()
-    example_features = example_features.detach()
+    # Exported from a CPU copy, whatever device trained it: the program then holds CPU weights and constants and
+    # `load(map_location=...)` puts it where it is used; the caller's head stays where it is.
+    head = copy.deepcopy(head).cpu().eval()
+    example_features = example_features.detach().cpu()
     probe = _probe_features(example_features)
     with torch.no_grad():
         expected = {k: v.detach().clone() for k, v in dict(head(example_features)).items()}

@@ -79,6 +79,31 @@ def test_reloaded_program_equals_the_head_at_other_sizes(exported):
             torch.testing.assert_close(ours[key], reference[key], rtol=1e-5, atol=1e-5)
 
 
+class DroppedOut(ToyHead):
+    """ToyHead with dropout on its code: train and eval mode differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().forward(features)
+        return {**out, "code": self.dropout(out["code"])}
+
+
+def test_save_exports_an_eval_copy_and_leaves_the_callers_head_alone(tmp_path):
+    """The program is the head in eval mode (dropout off), exported from a CPU copy: the caller's head keeps its
+    mode and its parameter tensors (a trainer's head on CUDA stays there)."""
+    head = DroppedOut().train()
+    weights = {name: param for name, param in head.named_parameters()}
+    path = save(tmp_path / "segmenter.pt2", head, example(), metadata())
+    assert head.training and all(param is weights[name] for name, param in head.named_parameters())
+    x = torch.randn(2, C, 6, 3)
+    with torch.no_grad():
+        reference = head.eval()(x)
+        torch.testing.assert_close(load(path)(x)["code"], reference["code"], rtol=1e-5, atol=1e-5)
+
+
 def test_metadata_is_stored_with_the_format_and_feature_dim(exported):
     path, _ = exported
     meta = read_metadata(path)
