@@ -1,4 +1,5 @@
-"""CPU throughput and bf16 accuracy of our dinov2_vits14 (random weights, 224 px, batch 8, 2 threads).
+"""Throughput and bf16 accuracy of our dinov2_vits14 (random weights, 224 px, batch 8, 2 CPU threads), on the
+benchmarks' device (`benchmarks.timing.bench_device()`: the CPU unless run_all's --device says otherwise).
 
 Configurations: "fp32" and "bf16" are shared.backbone.FrozenBackbone as the methods use it (bf16: autocast
 with the matmul weights cast to bf16 once); "bf16_autocast_only" is plain autocast on float32 weights, to
@@ -6,7 +7,7 @@ show what the one-time cast buys (its outputs are bitwise the same as "bf16"); "
 runs every block through the explicit-softmax path, which is how the official DINOv2 code computes
 attention on a CPU without xformers, as a stand-in for the official implementation's speed.
 
-    python -m benchmarks.backbone [--repeats 5]
+    python -m benchmarks.backbone [--repeats 5]      (USS_BENCH_DEVICE=cuda for the GPU)
 
 When `timm` imports, its independent ViT-S/14 implementation gets our weights (same keys; our 224 px
 position embeddings copied in) for a numerical parity check and a float32 throughput comparison.
@@ -17,12 +18,12 @@ them alike and the ratios stay meaningful; every figure is a median over the rou
 import argparse
 import copy
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import bench_device, device_label, seconds
 from dinov2_patched import build_model
 from dinov2_patched.pos_embed import interpolate_pos_embed
 from shared.backbone import FrozenBackbone, bf16_supported
@@ -41,13 +42,7 @@ def _timm_model(ours: torch.nn.Module) -> torch.nn.Module | None:
     grid = RESOLUTION // ours.patch_size
     state["pos_embed"] = interpolate_pos_embed(ours.pos_embed.detach(), grid, grid, ours.pos_interpolation)
     other.load_state_dict(state, strict=True)
-    return other
-
-
-def _time(fn: Callable[[], torch.Tensor]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    return other.to(ours.pos_embed.device)
 
 
 def _configs(model: torch.nn.Module, images: torch.Tensor, use_bf16: bool) -> dict[str, Callable[[], torch.Tensor]]:
@@ -67,7 +62,7 @@ def _configs(model: torch.nn.Module, images: torch.Tensor, use_bf16: bool) -> di
 
         @torch.no_grad()
         def autocast_only() -> torch.Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(images.device.type, dtype=torch.bfloat16):
                 return fp32.model.forward_features(images)["x_norm_patchtokens"].float()
 
         configs["bf16_autocast_only"] = autocast_only
@@ -80,15 +75,16 @@ def _configs(model: torch.nn.Module, images: torch.Tensor, use_bf16: bool) -> di
 def measure(repeats: int = 5) -> dict[str, float | bool | None]:
     """Flat medians over `repeats` rounds: images/s per configuration, ratios, bf16 cosine, timm parity."""
     torch.set_num_threads(THREADS)
-    model = build_model(MODEL, weights="none")
-    images = torch.randn(BATCH, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0))
-    use_bf16 = bf16_supported("cpu")
+    device = bench_device()
+    model = build_model(MODEL, weights="none").to(device)
+    images = torch.randn(BATCH, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0)).to(device)
+    use_bf16 = bf16_supported(device)
     configs = _configs(model, images, use_bf16)
     outputs = {name: fn() for name, fn in configs.items()}  # warm-up, and the outputs to compare
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(repeats):
         for name, fn in configs.items():
-            times[name].append(_time(fn))
+            times[name].append(seconds(fn, device))
     speed = {name: BATCH / statistics.median(values) for name, values in times.items()}
     result: dict[str, float | bool | None] = {f"{name}_images_per_s": value for name, value in speed.items()}
     # Best-of figures too: on a shared machine the least-disturbed round is often the steadier estimate.
@@ -127,12 +123,13 @@ def run(repeats: int = 5) -> dict:
         if reference is not None:
             row |= {"reference": "ours fp32", "ratio": speeds[name] / speeds[reference]}
         rows.append(row)
-    notes = [f"random weights, batch {BATCH}, {THREADS} threads, medians of {repeats} interleaved rounds"]
+    notes = [f"on {device_label(bench_device())}: random weights, batch {BATCH}, {THREADS} CPU threads, medians of "
+             f"{repeats} interleaved rounds"]
     if metrics.get("bf16_cosine_min") is not None:
         notes.append(f"bf16 vs fp32 patch features: cosine mean {metrics['bf16_cosine_mean']:.6f}, "
                      f"min {metrics['bf16_cosine_min']:.6f}")
     else:
-        notes.append("this CPU has no native bf16: bf16 rows skipped")
+        notes.append(f"no native bf16 on {bench_device()}: bf16 rows skipped")
     if metrics.get("timm_max_abs_diff") is not None:
         notes.append(f"timm on our weights: max abs difference {metrics['timm_max_abs_diff']:.3g}")
     title = f"Backbone forward, {MODEL}, {RESOLUTION}x{RESOLUTION}"
@@ -150,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
     args = parser.parse_args(argv)
     result = measure(args.repeats)
-    print(f"{MODEL}, random weights, {RESOLUTION} px, batch {BATCH}, {THREADS} threads, {args.repeats} rounds")
+    print(f"{MODEL} on {device_label(bench_device())}, random weights, {RESOLUTION} px, batch {BATCH}, {THREADS} "
+          f"CPU threads, {args.repeats} rounds")
     for key, value in result.items():
         print(f"  {key:<32} {_format(value)}")
 

@@ -4,7 +4,8 @@
 
 Eight 320x320 images with 27-class logits at 40x40 (a ViT-8 grid). The pool is started and warmed once, then
 the pool and the single-process loop are timed interleaved, one batch each per round, so a busy shared machine
-slows both alike; figures are medians over the rounds.
+slows both alike; figures are medians over the rounds. CPU only (pydensecrf on numpy arrays), whatever the
+benchmarks' device.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 import torch
 
+from benchmarks.timing import cpu_only_notes
 from shared.crf import CRFPool, available_cores, dense_crf
 
 N_IMAGES, RESOLUTION, N_CLASSES, GRID = 8, 320, 27, 40
@@ -56,7 +58,8 @@ def run(repeats: int = 3) -> dict:
              "reference": "single process", "ratio": pool_speed / single_speed},
             {"name": "single process", "value": single_speed, "unit": "images/s"},
         ],
-        "notes": [f"{workers} cores available; median over {repeats} interleaved rounds"],
+        "notes": [f"{workers} cores available; median over {repeats} interleaved rounds",
+                  *cpu_only_notes("the dense CRF (a process pool of pydensecrf workers)")],
     }
 
 

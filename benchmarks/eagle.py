@@ -7,19 +7,20 @@ token grid (ViT-S/8 at 224 px). Each image is a random piecewise-constant scene 
 code vector and colour, plus noise), so the spectrum has the few near-zero eigenvalues of a real image.
 Every solver is timed on the same batch (medians, interleaved) and compared with the float64 dense solution by
 the subspace agreement: the mean squared cosine of the principal angles between the two k-dim subspaces,
-‖U₁ᵀU₂‖²_F / k (1 = identical subspaces).
+‖U₁ᵀU₂‖²_F / k (1 = identical subspaces). The dense batched torch solver runs on the benchmarks' device
+(`bench_device()`), as EiCue's solver 'auto' picks it on CUDA; the SciPy solvers, ARPACK and torch.lobpcg run on
+the CPU (numpy, or one matrix at a time), and on another device their rows say "(CPU)".
 """
 
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import numpy as np
 import scipy.linalg
 import torch
 
+from benchmarks.timing import bench_device, device_label, interleaved_medians
 from eagle.eicue import code_affinity, colour_affinity, grid_colours, normalized_laplacian, smallest_eigenvectors
 
 BATCH, GRID, K, CODE_DIM, THREADS, REGIONS = 8, 28, 4, 512, 2, 6
@@ -65,40 +66,32 @@ def subset_evx(lap: torch.Tensor) -> torch.Tensor:
                                                          check_finite=False)[1] for m in lap.numpy()]))
 
 
-def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, timed in alternation so shared-machine load falls on all alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def run(repeats: int = 5) -> dict:
     previous = torch.get_num_threads()
     torch.set_num_threads(THREADS)
+    device = bench_device()
+    cpu_only = "" if device.type == "cpu" else " (CPU)"  # rows are labelled by device only off the CPU
+    dense = "dense torch.linalg.eigh (batched)" + ("" if device.type == "cpu" else f" ({device.type.upper()})")
     try:
         lap = laplacians()
+        lap_device = lap.to(device)
         reference = torch.linalg.eigh(lap.double())[1][..., :K].numpy()
         solvers = {
-            "dense torch.linalg.eigh (batched)": lambda: smallest_eigenvectors(lap, K, "dense"),
-            "SciPy eigh subset, MRRR (evr)": lambda: smallest_eigenvectors(lap, K, "subset"),
-            "SciPy eigh subset, bisection (evx)": lambda: subset_evx(lap),
-            "torch.lobpcg": lambda: lobpcg(lap),
-            "ARPACK eigsh on 2I - L (eicue 'arpack')": lambda: smallest_eigenvectors(lap, K, "arpack"),
+            dense: lambda: smallest_eigenvectors(lap_device, K, "dense"),
+            f"SciPy eigh subset, MRRR (evr){cpu_only}": lambda: smallest_eigenvectors(lap, K, "subset"),
+            f"SciPy eigh subset, bisection (evx){cpu_only}": lambda: subset_evx(lap),
+            f"torch.lobpcg{cpu_only}": lambda: lobpcg(lap),
+            f"ARPACK eigsh on 2I - L (eicue 'arpack'){cpu_only}": lambda: smallest_eigenvectors(lap, K, "arpack"),
         }
-        times = interleaved_medians(solvers, repeats)
-        agree = {name: agreement(fn().numpy(), reference) for name, fn in solvers.items()}
+        times = interleaved_medians(solvers, repeats, device=device)
+        agree = {name: agreement(fn().cpu().numpy(), reference) for name, fn in solvers.items()}
         rgb = laplacians(colour="rgb")  # the corrected colour path: a sharper spectrum, checked too
         rgb_agree = agreement(smallest_eigenvectors(rgb, K, "arpack").numpy(),
                               torch.linalg.eigh(rgb.double())[1][..., :K].numpy())
     finally:
         torch.set_num_threads(previous)
-    dense = "dense torch.linalg.eigh (batched)"
+    where = ("every solver on the CPU" if device.type == "cpu"
+             else f"the dense solver on {device_label(device)}, the others on the CPU")
     rows = []
     for name in solvers:
         rows.append({"name": name, "value": times[name] * 1e3, "unit": "ms / batch", "reference": dense,
@@ -109,8 +102,8 @@ def run(repeats: int = 5) -> dict:
     return {
         "title": f"EiCue eigenvectors: {BATCH} Laplacians of {GRID * GRID}x{GRID * GRID}, k = {K}",
         "rows": rows,
-        "notes": [f"float32 matrices, {THREADS} threads; agreement against float64 dense eigh; "
-                  f"1-min load average {os.getloadavg()[0]:.1f}. ratio < 1 is faster than the dense solver.",
+        "notes": [f"{where}; float32 matrices, {THREADS} CPU threads; agreement against float64 dense eigh on the "
+                  f"CPU; 1-min load average {os.getloadavg()[0]:.1f}. ratio < 1 is faster than the dense solver.",
                   "eagle.eicue's solver 'auto' is ARPACK on the CPU (MRRR where it does not converge) and the "
                   "dense batched solver on CUDA.",
                   "On an oversubscribed machine multi-threaded LAPACK slows down by 10-20x (spin-waiting threads); "

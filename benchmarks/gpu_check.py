@@ -4,7 +4,8 @@ lent; its output goes into the closing note).
 1. the method contract test and the segmenter tests on `cuda` (USS_TEST_DEVICE=cuda);
 2. the xformers and SDPA attention paths against each other on the GPU (skipped when xformers is not installed);
 3. a 1-GPU NCCL `torchrun` of the tiny STEGO config;
-4. `make bench` (benchmarks.run_all), which reports the GPU in its header.
+4. `make bench ARGS="--device cuda"` (benchmarks.run_all): the GPU-side benchmarks measured on the GPU, the
+   device named in the results header.
 
 Each step has its own time limit; the summary lists every step's exit code and time.
 """
@@ -32,7 +33,7 @@ def steps(tmp: Path) -> list[tuple[str, list[str], int]]:
         ("1-GPU NCCL torchrun of tiny STEGO", [torchrun, "--standalone", "--nproc_per_node=1", "-m", "stego.train",
                                               "--config", "stego/configs/tiny.yaml", "device=cuda",
                                               f"output_root={tmp / 'runs'}", f"cache_dir={tmp / 'cache'}"], 90),
-        ("make bench", [PY, "-m", "benchmarks.run_all", "--out", str(tmp / "bench.md")], 150),
+        ("make bench", [PY, "-m", "benchmarks.run_all", "--device", "cuda", "--out", str(tmp / "bench.md")], 150),
     ]
 
 

@@ -1,4 +1,4 @@
-"""`shared.predict` throughput against the backbone alone: ViT-S/14 at 322 px, STEGO head, no CRF, 2 threads.
+"""`shared.predict` throughput against the backbone alone: ViT-S/14 at 322 px, STEGO head, no CRF, 2 CPU threads.
 
     python -m benchmarks.predict [--repeats 3]
 
@@ -8,6 +8,7 @@ on disk, everything included: decoding, resizing, windows, backbone, head, upsam
 labels / overlay PNGs and index.csv (the models are loaded once, outside the timing, as a long run amortises
 them). The reference is the same backbone's forward on batches of the same 322 x 322 windows, timed interleaved
 with predict, one pass each per round, so a busy shared machine slows both alike; figures are medians over rounds.
+Both run on the benchmarks' device (`bench_device()`, predict's --device); decoding and writing stay on the CPU.
 
 Two image sets: 400 x 400 photos (one window each after resizing: images/s compare directly with the backbone's),
 and 480 x 360 photos (CamVid's aspect, two overlapping windows each), reported as windows/s.
@@ -18,13 +19,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.timing import bench_device, device_label, seconds
 from shared.backbone import build_backbone
 from shared.predict import PredictOptions, build_predictor, predict
 from shared.segmenter import save
@@ -58,25 +59,20 @@ def _images(folder: Path, size: tuple[int, int]) -> Path:
     return folder
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def measure(repeats: int = 3) -> dict[str, float]:
     """Medians over `repeats` interleaved rounds: backbone windows/s and predict images/s per image set."""
     torch.set_num_threads(THREADS)
+    device = bench_device()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         segmenter = _export(root)
         folders = {name: _images(root / name, size) for name, size in SIZES.items()}
         options = {name: PredictOptions(segmenter=str(segmenter), images=str(folder), out=str(root / f"out_{name}"),
-                                        device="cpu", batch_size=BATCH, overwrite=True)
+                                        device=str(device), batch_size=BATCH, overwrite=True)
                    for name, folder in folders.items()}
         predictor = build_predictor(options["square"])
-        backbone = build_backbone("dinov2_vits14", "none")
-        windows = torch.randn(BATCH, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0))
+        backbone = build_backbone("dinov2_vits14", "none", device=device)
+        windows = torch.randn(BATCH, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0)).to(device)
         runs = {"backbone": lambda: backbone(windows)}
         runs |= {name: (lambda o=o: predict(o, predictor)) for name, o in options.items()}
         for fn in runs.values():
@@ -84,7 +80,7 @@ def measure(repeats: int = 3) -> dict[str, float]:
         times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(repeats):
             for name, fn in runs.items():
-                times[name].append(_timed(fn))
+                times[name].append(seconds(fn, device))
         n_windows = {name: len(predictor_windows(folder)) for name, folder in folders.items()}
     median = {name: statistics.median(values) for name, values in times.items()}
     return {"backbone_windows_per_s": BATCH / median["backbone"],
@@ -118,8 +114,9 @@ def run(repeats: int = 3) -> dict:
          "reference": "backbone alone, 322 x 322 windows",
          "ratio": m["camvid_windows_per_s"] / m["backbone_windows_per_s"]},
     ]
-    notes = [f"random ViT-S/14 weights, STEGO head (code 70, {N_CLASSES} classes), no CRF, batch {BATCH} windows, "
-             f"{THREADS} threads, medians of {repeats} interleaved rounds; target: ratio >= 0.8",
+    notes = [f"on {device_label(bench_device())}: random ViT-S/14 weights, STEGO head (code 70, {N_CLASSES} "
+             f"classes), no CRF, batch {BATCH} windows, {THREADS} CPU threads, medians of {repeats} interleaved "
+             "rounds; target: ratio >= 0.8",
              f"480 x 360 photos: {m['camvid_images_per_s']:.3g} images/s ({m['camvid_windows_per_image']:.0f} "
              "windows each: the short side goes to 322 px, the long side to 434 px)"]
     return {"title": "Predict throughput, dinov2_vits14 at 322 px, STEGO head", "rows": rows, "notes": notes,

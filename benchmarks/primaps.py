@@ -7,7 +7,8 @@ pseudo-mask pool (proposals + CRF) against one process.
 The features are smooth synthetic maps with planted regions (a random-weight backbone gives near-constant
 features and almost no masks): 8 regions with their own directions, blended at their borders, plus noise. The
 reference takes each mask's direction from `pca_lowrank` and orients it by our sign rule, so both compute the same
-algorithm; the IoU of their masks says how exact the fast direction is.
+algorithm; the IoU of their masks says how exact the fast direction is. CPU only, whatever the benchmarks' device:
+the pseudo-masks are computed by a CPU process pool.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
+from benchmarks.timing import cpu_only_notes
 from primaps.masks import COVERAGE, THRESHOLD, principal_mask_proposals
 from primaps.pseudo_masks import MaskParams, compute_masks
 from shared.crf import available_cores
@@ -134,7 +136,8 @@ def run(repeats: int = 3) -> dict:
             {"name": "pseudo-masks, one process", "value": single_ips, "unit": "images/s"},
         ],
         "notes": [f"{N_IMAGES} synthetic images, {statistics.mean(n_masks):.1f} masks per image; medians over "
-                  f"{repeats} interleaved rounds; the speed ratio of the first row is original / ours"],
+                  f"{repeats} interleaved rounds; the speed ratio of the first row is original / ours",
+                  *cpu_only_notes("the PriMaPs pseudo-masks (proposals + CRF in a process pool)")],
     }
 
 

@@ -1,10 +1,12 @@
 """Run every benchmark in `benchmarks/` and write `benchmarks/results.md`.
 
-    python -m benchmarks.run_all [--only backbone crf] [--repeats 1] [--out benchmarks/results.md]
+    python -m benchmarks.run_all [--only backbone crf] [--repeats 1] [--device cpu|cuda|auto] [--out PATH]
 
 The benchmark modules are named in `BENCHMARKS` below (an explicit list, no discovery); a module that does not
 exist yet, or has no `run()`, is skipped with a note, and one that raises is reported as failed while the others
-still run.
+still run. `--device` (default cpu) is the device the GPU-side subjects (backbone, training step, heads, predict,
+dense eigensolver, cache build) are measured on; it reaches the modules as `benchmarks.timing.bench_device()`, and
+the results header names it. CPU-only subjects (CRF pool, metrics, PriMaPs pool) stay on the CPU and say so.
 
 Schema of `run()`'s return value (what every benchmark should return):
 
@@ -42,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.timing import DEVICE_ENV, bench_device, device_label
 from shared.atomic_io import atomic_write_text
 
 # module name -> what it measures. A new benchmark adds one line here.
@@ -73,10 +76,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_lines() -> list[str]:
-    """The machine description written above the results."""
+def machine_lines(device: torch.device | None = None) -> list[str]:
+    """The machine description written above the results, `device` (default: `bench_device()`) included."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [
+        f"- measured on: {device_label(bench_device() if device is None else device)}",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- CPU: {cpu_model()}, {cores} cores available ({os.cpu_count()} in the machine)",
         f"- torch {torch.__version__}, {torch.get_num_threads()} threads, Python {platform.python_version()}, "
@@ -194,7 +198,8 @@ def write_results(path: Path, sections: list[str], machine: list[str] | None = N
     """Write the machine description (default: as it is now) and the sections to `path` atomically."""
     text = "\n".join(["# Benchmark results", "", *(machine or machine_lines()), "",
                       "Each value is the median of several runs; ratios compare with a reference measured in the "
-                      "same run.", "", *sections])
+                      "same run. On a GPU: `make bench ARGS=\"--device cuda\"` (`make gpu-check` runs it).", "",
+                      *sections])
     return atomic_write_text(path, text)
 
 
@@ -202,8 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description="Run the benchmarks.")
     parser.add_argument("--only", nargs="*", default=None, help="short names, e.g. backbone crf")
     parser.add_argument("--repeats", type=int, default=1, help="call each run() this many times (median)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                        help="where the GPU-side subjects are measured (auto: cuda when available)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks.run_all: --device cuda, but CUDA is not available here; use --device cpu or auto.",
+              file=sys.stderr)
+        return 2
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"  # auto: cuda when available
+    os.environ[DEVICE_ENV] = device  # read by every module through bench_device()
     machine = machine_lines()  # before the benchmarks, some of which change torch's thread count
     path = write_results(args.out, run_benchmarks(args.only, args.repeats), machine)
     print(path.read_text())

@@ -4,7 +4,9 @@
 
 Export = `shared.segmenter.save` (torch.export, archive write, reload and the two equality checks); load =
 `shared.segmenter.load` (safety checks of every pickled member, torch.export.load, the contract check on a probe
-input). Also the largest difference between the reloaded program and the in-memory head at the demo's 23x23 grid.
+input), onto the benchmarks' device (`bench_device()`) as predict and compare load it. Also the largest difference
+between the reloaded program and the in-memory head, both on that device, at the demo's 23x23 grid. The export
+stays on the CPU, as the trainers' `finish_run` exports.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.timing import median_of
+from benchmarks.timing import bench_device, device_label, median_of
 from shared.probes import ClusterProbe, LinearProbe
 from shared.segmenter import load, save
 from stego.model import StegoEvalHead, StegoHead
@@ -32,16 +34,17 @@ def _metadata() -> dict:
 
 def run(repeats: int = 3) -> dict:
     torch.manual_seed(0)
+    device = bench_device()
     head = StegoEvalHead(StegoHead(C, D), ClusterProbe(D, K), LinearProbe(D, K), alpha=2.0).eval()
     example = torch.randn(2, C, 16, 16)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "segmenter.pt2"
-        export_s = median_of(lambda: save(path, head, example, _metadata()), repeats, warmup=0)
-        load_s = median_of(lambda: load(path), repeats)
-        segmenter = load(path)
-        x = torch.randn(4, C, 23, 23)
+        export_s = median_of(lambda: save(path, head, example, _metadata()), repeats, warmup=0, device="cpu")
+        load_s = median_of(lambda: load(path, map_location=device), repeats, device=device)
+        segmenter = load(path, map_location=device)
+        x = torch.randn(4, C, 23, 23).to(device)
         with torch.no_grad():
-            ours, reference = segmenter(x), head(x)
+            ours, reference = segmenter(x), head.to(device)(x)
         diff = max(float((ours[k] - reference[k]).abs().max()) for k in reference)
         size_kib = path.stat().st_size / 1024
     return {
@@ -52,7 +55,8 @@ def run(repeats: int = 3) -> dict:
             {"name": "max |reloaded - in-memory| at 23x23", "value": diff, "unit": ""},
             {"name": "file size", "value": size_kib, "unit": "KiB"},
         ],
-        "notes": [f"median over {repeats} calls; the issue asks for load < 2 s and equality to 1e-5"],
+        "notes": [f"median over {repeats} calls; the issue asks for load < 2 s and equality to 1e-5",
+                  f"load and forward on {device_label(device)}; export on the CPU"],
     }
 
 

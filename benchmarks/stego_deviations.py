@@ -10,6 +10,9 @@
 - CRF image: our uint8 image is rounded, the original's truncated (`to_pil_image` of a float tensor); how many
   image values and CRF labels differ, with a random head and cluster probe on random-weight features.
 - five-crop JPEG quality: our crops are saved at quality 95, the original's at PIL's default 75.
+
+The backbone features (bf16 and float16 rows) are computed on the benchmarks' device (`bench_device()`), where
+training computes them; the CRF and JPEG rows are CPU work (pydensecrf and PIL on numpy arrays) and stay there.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from benchmarks.timing import bench_device, cpu_only_notes, device_label
 from shared.backbone import build_backbone, store_matmul_weights_in_bf16
 from shared.crf import crf_from_probs, image_to_bgr_uint8
 from shared.data import build_dataset
@@ -39,8 +43,8 @@ def _images(n: int, resolution: int) -> torch.Tensor:
     return torch.stack([ds[i]["image"] for i in range(n)])
 
 
-def _bf16_backbone(name: str):
-    backbone = build_backbone(name, "none")
+def _bf16_backbone(name: str, device: torch.device):
+    backbone = build_backbone(name, "none", device=device)
     emulated = not backbone.use_bf16
     if emulated:  # what FrozenBackbone does on bf16 hardware
         backbone.use_bf16 = True
@@ -49,9 +53,9 @@ def _bf16_backbone(name: str):
 
 
 def bf16_vs_fp32(name: str, images: torch.Tensor) -> dict:
-    """Per-patch cosine and max abs difference of bf16 vs float32 features (random weights)."""
-    reference = build_backbone(name, "none", force_float32=True)(images)  # (B, C, h, w)
-    backbone, emulated = _bf16_backbone(name)
+    """Per-patch cosine and max abs difference of bf16 vs float32 features (random weights), on images' device."""
+    reference = build_backbone(name, "none", force_float32=True, device=images.device)(images)  # (B, C, h, w)
+    backbone, emulated = _bf16_backbone(name, images.device)
     bf16 = backbone(images)
     cosine = F.cosine_similarity(bf16, reference, dim=1)
     return {"cos_mean": cosine.mean().item(), "cos_min": cosine.min().item(),
@@ -131,19 +135,20 @@ def jpeg_quality(n: int) -> dict:
 def run(n_images: int = 4) -> dict:
     """All four measurements in run_all's schema."""
     torch.set_num_threads(THREADS)
+    device = bench_device()
     images = _images(n_images, VAL_RESOLUTION)
     rows, notes = [], []
     for name in ("dinov2_vits14", "dinov2_vitb14"):
-        bf = bf16_vs_fp32(name, images)
+        bf = bf16_vs_fp32(name, images.to(device))
         rows += [{"name": f"{name} bf16 vs fp32: per-patch cosine, mean", "value": bf["cos_mean"], "unit": ""},
                  {"name": f"{name} bf16 vs fp32: per-patch cosine, min", "value": bf["cos_min"], "unit": ""},
                  {"name": f"{name} bf16 vs fp32: max abs diff", "value": bf["max_abs"], "unit": ""},
                  {"name": f"{name} bf16 vs fp32: relative L2 error", "value": bf["rel_l2"], "unit": ""},
                  {"name": f"{name} fp32 features: max abs", "value": bf["feature_max_abs"], "unit": ""}]
         if bf["emulated"]:
-            notes.append(f"{name}: no native bf16 on this CPU; bf16 autocast switched on by hand (emulated)")
+            notes.append(f"{name}: no native bf16 on {device}; bf16 autocast switched on by hand (emulated)")
         if name == "dinov2_vits14":
-            features = bf["features"]
+            features = bf["features"].cpu()
     f16 = float16_rounding(features)
     rows += [{"name": f"float16 cache: {k}", "value": v, "unit": ""} for k, v in f16.items()]
     crf = crf_rounding(images, features)
@@ -153,7 +158,9 @@ def run(n_images: int = 4) -> dict:
     rows += [{"name": f"five-crop JPEG: {k}", "value": v, "unit": "dB" if "psnr" in k else ""}
              for k, v in jpeg.items() if k != "n_crops"]
     notes.append(f"{n_images} camvid_sample val images at {VAL_RESOLUTION} px ({crf['n_pixels']} pixels), "
-                 f"{jpeg['n_crops']} five-crops of train images; random backbone weights")
+                 f"{jpeg['n_crops']} five-crops of train images; random backbone weights; features on "
+                 f"{device_label(device)}")
+    notes += cpu_only_notes("the CRF and the JPEG coding", device)
     return {"title": "STEGO deviations from the original code, measured", "rows": rows, "notes": notes}
 
 

@@ -3,8 +3,9 @@
     python -m benchmarks.stego_step      (also run by `python -m benchmarks.run_all`)
 
 Both paths run the same head, correspondence loss and probe updates on a batch of 16 images and their 16 kNN
-partners (dinov2_vits14 with random weights, 224 px, 2 threads). The cached path reads float16 features from a
-memory-mapped file like the feature cache's; the uncached path runs the frozen backbone on the 32 images.
+partners (dinov2_vits14 with random weights, 224 px, 2 CPU threads) on the benchmarks' device (`bench_device()`).
+The cached path reads float16 features from a memory-mapped file like the feature cache's and copies them to the
+device, as `stego.train.load_batch` does; the uncached path runs the frozen backbone on the 32 images.
 The default step scores the linear probe on every 4th label pixel (`linear_label_stride=4`); a third row times
 the original all-pixel probe loss.
 """
@@ -13,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.timing import bench_device, device_label, interleaved_medians
 from shared.backbone import build_backbone
 from stego.config import StegoConfig
 from stego.steps import IndexStream, apply_gradients, build_modules, build_optimizers, knn_partners, step_losses
@@ -28,10 +28,10 @@ from stego.steps import IndexStream, apply_gradients, build_modules, build_optim
 BATCH, RESOLUTION, THREADS, N_IMAGES, N_CLASSES = 16, 224, 2, 64, 27
 
 
-def _make_step(cfg, modules, optimizers, batch_fn):
+def _make_step(cfg, modules, optimizers, batch_fn, device: torch.device):
     stream, rng = IndexStream(N_IMAGES, cfg.batch_size), np.random.default_rng(0)
     knn = np.stack([np.roll(np.arange(N_IMAGES), -i)[:8] for i in range(N_IMAGES)])  # self first
-    labels = torch.randint(0, N_CLASSES, (BATCH, RESOLUTION, RESOLUTION))
+    labels = torch.randint(0, N_CLASSES, (BATCH, RESOLUTION, RESOLUTION)).to(device)
     counter = {"step": 0}
 
     def step() -> None:
@@ -45,55 +45,41 @@ def _make_step(cfg, modules, optimizers, batch_fn):
     return step
 
 
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, timed in alternation so that load from other processes on a shared
-    machine falls on all of them alike (timing one after the other made the ratio swing by 10x)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def run(repeats: int = 5) -> dict:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
         torch.manual_seed(0)
-        backbone = build_backbone("dinov2_vits14", "none")
+        device = bench_device()
+        backbone = build_backbone("dinov2_vits14", "none", device=device)
         cfg = StegoConfig(batch_size=BATCH)
-        modules = build_modules(cfg, backbone.feature_dim, N_CLASSES)
-        optimizers = build_optimizers(cfg, modules)
-        images = torch.randn(N_IMAGES, 3, RESOLUTION, RESOLUTION)
+        modules = build_modules(cfg, backbone.feature_dim, N_CLASSES).to(device)
+        optimizers = build_optimizers(cfg, modules)  # after the move, as stego.train does
+        images = torch.randn(N_IMAGES, 3, RESOLUTION, RESOLUTION).to(device)
         with tempfile.TemporaryDirectory() as tmp:
             grid = RESOLUTION // backbone.patch_size
             shape = (N_IMAGES, backbone.feature_dim, grid, grid)
             cache = np.memmap(Path(tmp) / "features.f16", dtype=np.float16, mode="w+", shape=shape)
-            cache[:] = backbone(images[:8]).numpy().astype(np.float16).repeat(N_IMAGES // 8, axis=0)
+            cache[:] = backbone(images[:8]).cpu().numpy().astype(np.float16).repeat(N_IMAGES // 8, axis=0)
             cache.flush()
 
             def cached(indices):
-                return torch.from_numpy(np.asarray(cache[np.sort(indices)], dtype=np.float32))
+                return torch.from_numpy(np.asarray(cache[np.sort(indices)], dtype=np.float32)).to(device)
 
             def uncached(indices):
-                return backbone(images[torch.from_numpy(indices)])
+                return backbone(images[torch.from_numpy(indices).to(device)])
 
             full_labels = dataclasses.replace(cfg, linear_label_stride=1)  # the original probe resolution
             times = interleaved_medians({
-                "cached": _make_step(cfg, modules, optimizers, cached),
-                "uncached": _make_step(cfg, modules, optimizers, uncached),
-                "full": _make_step(full_labels, modules, optimizers, cached),
-            }, repeats)
+                "cached": _make_step(cfg, modules, optimizers, cached, device),
+                "uncached": _make_step(cfg, modules, optimizers, uncached, device),
+                "full": _make_step(full_labels, modules, optimizers, cached, device),
+            }, repeats, device=device)
             t_cached, t_uncached, t_full = times["cached"], times["uncached"], times["full"]
     finally:
         torch.set_num_threads(previous_threads)
-    notes = [f"batch {BATCH} + {BATCH} kNN partners, {RESOLUTION} px, {THREADS} threads, random weights; "
-             f"backbone bf16 autocast: {backbone.use_bf16}",
+    notes = [f"on {device_label(device)}: batch {BATCH} + {BATCH} kNN partners, {RESOLUTION} px, {THREADS} CPU "
+             f"threads, random weights; backbone bf16 autocast: {backbone.use_bf16}",
              f"1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: when other processes keep the "
              "cores busy, the cached step (many small ops, each a thread barrier) slows far more than the "
              "backbone (few large matmuls), and the ratio drops (measured 3x-17x on a shared 2-core machine)"]

@@ -1,9 +1,12 @@
-"""benchmarks.run_all: schema rendering, tolerance of other shapes, skipping missing modules, repeat medians."""
+"""benchmarks.run_all: schema rendering, tolerance of other shapes, skipping missing modules, repeat medians, the
+--device option."""
 
 import sys
 import types
 
-from benchmarks import run_all
+import pytest
+
+from benchmarks import run_all, timing
 
 
 def test_schema_rows_render_with_computed_ratio():
@@ -70,3 +73,35 @@ def test_a_benchmark_does_not_inherit_the_previous_ones_thread_count(monkeypatch
         assert seen == [2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_device_cuda_without_cuda_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(timing.DEVICE_ENV, "cpu")  # restored after the test, whatever main sets
+    code = run_all.main(["--device", "cuda", "--out", str(tmp_path / "results.md")])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.count("\n") == 1 and "--device cuda" in err and "Traceback" not in err
+    assert not (tmp_path / "results.md").exists()
+
+
+@pytest.mark.parametrize(("option", "has_cuda", "expected"), [("cuda", True, "cuda:0"), ("auto", True, "cuda:0"),
+                                                              ("auto", False, "cpu"), ("cpu", True, "cpu")])
+def test_device_reaches_the_benchmarks_and_the_header(monkeypatch, tmp_path, option, has_cuda, expected):
+    import torch
+
+    # A pretend GPU: nothing below runs a kernel, so only the device's name is ever asked for.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Pretend GPU")
+    monkeypatch.setenv(timing.DEVICE_ENV, "cpu")
+    seen = []
+    recording = types.ModuleType("benchmarks._fake_device")
+    recording.run = lambda: seen.append(timing.bench_device()) or {"rows": []}
+    monkeypatch.setitem(sys.modules, "benchmarks._fake_device", recording)
+    monkeypatch.setattr(run_all, "BENCHMARKS", [("benchmarks._fake_device", "records the device")])
+    assert run_all.main(["--device", option, "--out", str(tmp_path / "results.md")]) == 0
+    assert seen == [torch.device(expected)]
+    label = "cuda:0 (Pretend GPU)" if expected == "cuda:0" else "cpu"
+    assert f"- measured on: {label}\n" in (tmp_path / "results.md").read_text()
