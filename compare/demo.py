@@ -5,7 +5,8 @@
 1. Resolves pretrained DINOv2 ViT-S/14 weights (torch hub cache, else download). Where neither works it prints a
    banner saying where to put the file and goes on with random weights; the report then labels every number as
    coming from an untrained backbone.
-2. Builds the feature caches the comparison needs (the trainers build theirs; all are reused on a re-run).
+2. Builds the validation caches the comparison needs, for every feature descriptor the methods' demo configs
+   name (the trainers build their training caches; all are reused on a re-run).
 3. Trains every method in `METHODS` with its short demo settings, each in its own process, skipping a run whose
    export/segmenter.pt2 already exists for the same backbone weights and the same recipe (command line and
    config file contents). Each step prints its time.
@@ -73,8 +74,24 @@ def resolve_weights(weights: str | None) -> str:
         return RANDOM
 
 
-def build_caches(weights: str, resolution: int, cache_dir: str) -> str:
-    """Cache the validation features (image and flip) the comparison reads; returns the backbone's weights id."""
+def demo_descriptors(methods: list[str], fast: bool) -> list[dict]:
+    """The feature descriptors the demo's methods read (each one's demo config), once each, in first-use order."""
+    import importlib
+
+    from shared.config import load_config
+    from shared.features import descriptor_id
+
+    found: dict[str, dict] = {}
+    for _, method, _ in plan(methods, fast):
+        trainer = importlib.import_module(f"{str(method_dir(method)).replace('/', '.')}.train")
+        features = load_config(trainer.CONFIG_CLASS, REPO / demo_config(method, fast)).features
+        found.setdefault(descriptor_id(features), features)
+    return list(found.values())
+
+
+def build_caches(weights: str, resolution: int, cache_dir: str, descriptors: list[dict]) -> str:
+    """Cache the validation features (image and flip) the comparison reads, for every descriptor the methods use, so
+    that each method's printed time is its training (the caches are the comparison's); returns the weights id."""
     from shared.backbone import build_backbone
     from shared.data import build_dataset
     from shared.data.feature_cache import FeatureCache
@@ -82,8 +99,10 @@ def build_caches(weights: str, resolution: int, cache_dir: str) -> str:
     backbone = build_backbone(BACKBONE, weights, device="cpu")
     dataset = build_dataset(DATASET, "val", resolution=resolution)
     cache = FeatureCache(cache_dir)
-    for flip in (False, True):
-        cache.get(backbone, dataset, flip=flip)
+    for descriptor in descriptors:
+        featurizer = backbone.with_features(descriptor)
+        for flip in (False, True):
+            cache.get(featurizer, dataset, flip=flip)
     return backbone.weights_id
 
 
@@ -199,7 +218,7 @@ def run_demo(out: str | Path = "demo_output", weights: str | None = None, fast: 
     print(f"[demo] backbone {BACKBONE}: resolving weights", flush=True)
     weights = resolve_weights(weights)
     print(f"[demo] building feature caches in {cache_dir}", flush=True)
-    weights_id = build_caches(weights, settings["resolution"], cache_dir)
+    weights_id = build_caches(weights, settings["resolution"], cache_dir, demo_descriptors(METHODS, fast))
     runs = train_methods(out, weights, weights_id, cache_dir, fast, settings["resolution"], seeds=seeds)
     print("[demo] comparing", flush=True)
     output = run_comparison(CompareSettings(

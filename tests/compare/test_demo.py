@@ -30,6 +30,13 @@ def test_fast_demo_runs_end_to_end_and_reuses_finished_runs(tmp_path, capsys):
     _check_output(output, tmp_path / "demo")
     printed = capsys.readouterr().out
     assert "report:" in printed and "| method |" in printed
+    # The demo caches the validation features of every descriptor its methods read before training, and the
+    # trainers the training splits the probe reads: the comparison builds no cache of its own.
+    assert "feature cache" not in printed.split("[demo] comparing", 1)[1]
+    from shared.features import descriptor_id
+
+    read = {descriptor_id(r.features) for r in output.results}
+    assert read == {descriptor_id(d) for d in demo.demo_descriptors(demo.METHODS, fast=True)} and len(read) == 2
     assert any((tmp_path / "nns").iterdir())  # STEGO's kNN file sits beside the feature cache, not in the repository
     # A second run trains nothing: every finished run (same backbone weights) is reused.
     weights_id = output.header["backbones"][0]["weights_id"]
