@@ -16,12 +16,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sigterm_trainer import sigterm_after_logging
 
 from shared.checkpoint import load_checkpoint, restore_checkpoint
 from shared.config import parse_args
@@ -119,22 +119,8 @@ def test_sigterm_saves_checkpoint_and_exits(tmp_path):
     metrics = tmp_path / "sig" / "metrics.jsonl"
     cmd = [sys.executable, str(TRAINER), f"output_root={tmp_path}", "name=sig", "steps=1000000", "save_every=1000000"]
     cmd.append("sleep_per_step=0.02")
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 120  # generous: the machine is shared; this bounds a hang, it is no timing test
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "trainer did not start logging"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]  # saved, but not finished: a scheduler must see it
+    code, out, err = sigterm_after_logging(cmd, cwd=REPO, env=subprocess_env(), metrics=metrics, lines=3, timeout_s=120)
+    assert code == 128 + signal.SIGTERM, err[-3000:]  # saved, but not finished: a scheduler must see it
     assert "received SIGTERM" in err and err.strip().splitlines()[-1].startswith("stopped at step ")
     state = load_checkpoint(tmp_path / "sig" / "checkpoints" / "last.pt")
     last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]

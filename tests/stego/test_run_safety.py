@@ -12,13 +12,12 @@ from __future__ import annotations
 import copy
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from sigterm_trainer import sigterm_after_logging
 
 import stego.train as stego_train
 from shared.checkpoint import load_checkpoint
@@ -130,21 +129,9 @@ def test_cli_sigterm_exits_143_and_a_path_with_spaces_and_accents_works_through_
             "val_every=100000", "log_every=1"]
     metrics = base / "runs" / "stego" / "camvid_sample" / "sig" / "metrics.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "stego.train", "--config", str(TINY), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300  # bounds a hang on a loaded machine; no timing is tested
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the trainer did not start"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 143, err[-3000:]
+    code, _, err = sigterm_after_logging([sys.executable, "-m", "stego.train", "--config", str(TINY), *args], cwd=REPO,
+                                         env=env, metrics=metrics, lines=2, timeout_s=300)
+    assert code == 143, err[-3000:]
     step = load_checkpoint(metrics.parent / "checkpoints" / "last.pt")["step"]
     assert err.strip().splitlines()[-1] == f"stopped at step {step}; resume with --resume auto"
     cfg = load_config(StegoConfig, TINY, [*args[:-3], f"max_steps={step + 1}", "val_every=100000", "log_every=1",
