@@ -1,5 +1,8 @@
 """CRF against a direct pydensecrf call built from the documented parameters; pool behaviour."""
 
+import multiprocessing as mp
+import os
+import signal
 import time
 import warnings
 
@@ -130,13 +133,60 @@ def _fail_on_four_classes(bgr: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return ORIGINAL_CRF(bgr, probs)
 
 
+def _crf_workers_alive() -> list:
+    return [p for p in mp.active_children() if p.name == "crf-worker"]
+
+
 def test_worker_exception_is_raised_and_pool_stopped(monkeypatch):
     monkeypatch.setattr(crf_module, "crf_from_probs", _fail_on_four_classes)
     pairs = [make_inputs(0), make_inputs(1, c=4)]
     pool = CRFPool(workers=2)
-    with pytest.raises(RuntimeError, match="broken CRF input"):
+    with pytest.raises(RuntimeError, match="broken CRF input") as raised:
         pool.run([p[0] for p in pairs], [p[1] for p in pairs], timeout_s=60.0)
-    assert pool._pool is None  # workers were terminated, nothing left running
+    assert "_fail_on_four_classes" in str(raised.value.__cause__)  # the worker's traceback comes along
+    assert pool._workers == [] and _crf_workers_alive() == []  # every worker stopped, nothing left running
+
+
+def _hang_ignoring_sigterm_on_four_classes(bgr: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """A stuck worker that also ignores SIGTERM, as one forked inside a training loop's StopSignal block does."""
+    if probs.shape[0] == 4:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(600)
+    return ORIGINAL_CRF(bgr, probs)
+
+
+def test_a_stuck_worker_that_ignores_sigterm_is_still_stopped(monkeypatch):
+    # Regression: the pool was built on multiprocessing.Pool, whose terminate() sends SIGTERM and joins, so a
+    # worker that ignored SIGTERM hung the evaluation (a CI run waited 90 minutes here).
+    monkeypatch.setattr(crf_module, "crf_from_probs", _hang_ignoring_sigterm_on_four_classes)
+    pairs = [make_inputs(0), make_inputs(1, c=4), make_inputs(2)]
+    with CRFPool(workers=2) as pool:
+        with pytest.warns(RuntimeWarning, match=r"timed out after 1.0 s on image\(s\) \[1\]"):
+            out = pool.run([p[0] for p in pairs], [p[1] for p in pairs], timeout_s=1.0)
+        assert out[1] is None and np.array_equal(out[2], ORIGINAL_CRF(*crf_module._prepare(*pairs[2])))
+        monkeypatch.setattr(crf_module, "crf_from_probs", _fail_on_four_classes)
+        pool.close()  # the next workers are forked afresh and run the new function
+        with pytest.raises(RuntimeError, match="broken CRF input"):
+            pool.run([pairs[1][0]], [pairs[1][1]], timeout_s=60.0)
+    assert _crf_workers_alive() == []
+
+
+def _die_on_four_classes(bgr: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    if probs.shape[0] == 4:
+        os._exit(3)  # as a segfault in pydensecrf or the OOM killer would end it: no reply, no exception
+    return ORIGINAL_CRF(bgr, probs)
+
+
+def test_a_worker_that_dies_costs_only_its_image(monkeypatch):
+    monkeypatch.setattr(crf_module, "crf_from_probs", _die_on_four_classes)
+    pairs = [make_inputs(0), make_inputs(1, c=4), make_inputs(2), make_inputs(3)]
+    with CRFPool(workers=2) as pool:
+        with pytest.warns(RuntimeWarning, match=r"worker died on image\(s\) \[1\]"):
+            out = pool.run([p[0] for p in pairs], [p[1] for p in pairs], timeout_s=60.0)
+        assert out[1] is None
+        for i in (0, 2, 3):
+            assert np.array_equal(out[i], ORIGINAL_CRF(*crf_module._prepare(*pairs[i])))
+        assert len(pool._workers) <= 2
 
 
 def test_bad_shapes_are_clear_errors():
@@ -145,3 +195,18 @@ def test_bad_shapes_are_clear_errors():
         dense_crf(image[:2], logits)
     with pytest.raises(ValueError, match="one per image"):
         batched_dense_crf([image], [logits, logits])
+
+
+def _never_reads(conn, parent_pid: int) -> None:
+    """A worker stuck from the moment it was forked (a lock another thread of the parent held at fork time)."""
+    time.sleep(600)
+
+
+def test_a_large_job_for_a_worker_that_never_reads_costs_its_deadline_not_a_hang(monkeypatch):
+    monkeypatch.setattr(crf_module, "_worker_loop", _never_reads)
+    pairs = [make_inputs(s, h=200, w=200, c=27) for s in range(2)]  # ~4 MB per job: far more than a pipe holds
+    began = time.monotonic()
+    with CRFPool(workers=2) as pool, pytest.warns(RuntimeWarning, match=r"image\(s\) \[0, 1\]"):
+        out = pool.run([p[0] for p in pairs], [p[1] for p in pairs], timeout_s=1.0)
+    assert out == [None, None] and time.monotonic() - began < 30
+    assert _crf_workers_alive() == []
