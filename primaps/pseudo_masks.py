@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
-import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +26,7 @@ from tqdm import tqdm
 
 from primaps.masks import mask_log_probs, principal_mask_proposals
 from shared import crf as shared_crf
+from shared.worker_pool import WorkerPool, available_cores
 
 VERSION = 1  # bump when the pseudo-mask computation changes: old caches are then never reused
 MASKS_FILE, META_FILE = "masks.u8", "meta.json"
@@ -107,13 +104,6 @@ def _worker_job(index: int, features: np.ndarray, params: MaskParams) -> np.ndar
     return pseudo_mask(_WORKER_DATASET[index]["image"], torch.from_numpy(features), params)
 
 
-def _kill(executor: ProcessPoolExecutor) -> None:
-    """Stop every worker now (a stuck CRF cannot be interrupted otherwise) without waiting for them."""
-    for process in list(getattr(executor, "_processes", {}).values()):
-        process.kill()
-    executor.shutdown(wait=False, cancel_futures=True)
-
-
 def compute_masks(dataset, features_of: Callable[[int], np.ndarray], params: MaskParams, *, workers: int = 0,
                   timeout_s: float = 300.0, progress: bool = True) -> np.ndarray:
     """Pseudo-masks (N, R, R) uint8 of every image of `dataset`; `features_of(i)` gives image i's (C, h, w).
@@ -123,7 +113,7 @@ def compute_masks(dataset, features_of: Callable[[int], np.ndarray], params: Mas
     """
     n, res = len(dataset), int(dataset.resolution)
     out = np.zeros((n, res, res), dtype=np.uint8)
-    workers = workers or shared_crf.available_cores()
+    workers = workers or available_cores()
     bar = tqdm(total=n, unit="img", desc=f"PriMaPs pseudo-masks {dataset.name}/{dataset.split}", disable=not progress)
     with bar:
         if workers == 1:
@@ -136,37 +126,23 @@ def compute_masks(dataset, features_of: Callable[[int], np.ndarray], params: Mas
 
 
 def _run_pool(dataset, features_of, params, out: np.ndarray, workers: int, timeout_s: float, bar) -> None:
-    context = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(dataset,))
-    pending: Iterator[int] = iter(range(len(dataset)))
-    inflight: dict = {}  # future -> (index, deadline)
-    try:
-        while True:
-            while len(inflight) < workers:  # one image per worker, so a deadline measures that image alone
-                index = next(pending, None)
-                if index is None:
-                    break
-                future = executor.submit(_worker_job, index, features_of(index), params)
-                inflight[future] = (index, time.monotonic() + timeout_s)
-            if not inflight:
-                break
-            nearest = min(deadline for _, deadline in inflight.values())
-            done, _ = wait(list(inflight), timeout=max(0.0, nearest - time.monotonic()), return_when=FIRST_COMPLETED)
-            for future in done:
-                index, _ = inflight.pop(future)
-                try:
-                    out[index] = future.result()
-                except BrokenProcessPool:
-                    raise RuntimeError(f"a PriMaPs pseudo-mask worker died on image {index} "
-                                       f"({dataset.image_path(index)}) (killed, out of memory?); rerun with "
-                                       "pseudo_workers=1 to see the error in this process.") from None
-                bar.update(1)
-            late = [index for index, deadline in inflight.values() if deadline <= time.monotonic()]
-            if late:
-                raise TimeoutError(f"PriMaPs pseudo-masks of image(s) {sorted(late)} took over {timeout_s} s; raise "
-                                   "pseudo_timeout_s or check that image (a stuck CRF?).")
-    finally:
-        _kill(executor)
+    def keep(index: int, mask: np.ndarray) -> None:
+        out[index] = mask
+        bar.update(1)
+
+    # By name, so that every worker looks the job up in this module (tests replace it); the dataset reaches the
+    # workers once, through the initializer, not with every job.
+    with WorkerPool((__name__, "_worker_job"), workers, name="primaps-worker",
+                    initializer=(__name__, "_init_worker"), initargs=(dataset,)) as pool:
+        outcome = pool.run(len(dataset), lambda index: (index, features_of(index), params), keep,
+                           timeout_s=timeout_s, fail_fast=True)
+    if outcome.died:
+        index = outcome.died[0]
+        raise RuntimeError(f"a PriMaPs pseudo-mask worker died on image {index} ({dataset.image_path(index)}) "
+                           "(killed, out of memory?); rerun with pseudo_workers=1 to see the error in this process.")
+    if outcome.late:
+        raise TimeoutError(f"PriMaPs pseudo-masks of image(s) {sorted(outcome.late)} took over {timeout_s} s; raise "
+                           "pseudo_timeout_s or check that image (a stuck CRF?).")
 
 
 # ---------------------------------------------------------------------------------------------------- the cache

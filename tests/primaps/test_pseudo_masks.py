@@ -2,8 +2,10 @@
 (same masks as one process; a dying worker is reported, not waited on) and the "+SotA" base checks."""
 
 import json
+import multiprocessing as mp
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -58,6 +60,22 @@ def test_a_dying_worker_is_reported(monkeypatch):
     monkeypatch.setattr(pm, "_worker_job", _die)
     with pytest.raises(RuntimeError, match="worker died on image"):
         compute_masks(TinyImages(), features_of, MaskParams(), workers=2, progress=False, timeout_s=30)
+
+
+def _hang_on_two(index, features, params):
+    if index == 2:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a worker forked inside a training loop's stop handler
+        time.sleep(600)
+    return pm.pseudo_mask(pm._WORKER_DATASET[index]["image"], torch.from_numpy(features), params)
+
+
+def test_a_stuck_image_is_named_and_no_worker_is_left(monkeypatch):
+    monkeypatch.setattr(pm, "_worker_job", _hang_on_two)
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"image\(s\) \[2\] took over 1.0 s"):
+        compute_masks(TinyImages(), features_of, MaskParams(), workers=2, progress=False, timeout_s=1.0)
+    assert time.monotonic() - began < 30
+    assert [p for p in mp.active_children() if p.name == "primaps-worker"] == []
 
 
 def test_cache_reused_only_for_the_same_key_and_rebuilt_when_corrupt(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydensecrf.utils import unary_from_softmax
 
 import shared.crf as crf_module
+import shared.worker_pool as worker_pool
 from shared.crf import CRFPool, batched_dense_crf, dense_crf
 
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -197,13 +198,13 @@ def test_bad_shapes_are_clear_errors():
         batched_dense_crf([image], [logits, logits])
 
 
-def _never_reads(conn, parent_pid: int) -> None:
+def _never_reads(*args) -> None:
     """A worker stuck from the moment it was forked (a lock another thread of the parent held at fork time)."""
     time.sleep(600)
 
 
 def test_a_large_job_for_a_worker_that_never_reads_costs_its_deadline_not_a_hang(monkeypatch):
-    monkeypatch.setattr(crf_module, "_worker_loop", _never_reads)
+    monkeypatch.setattr(worker_pool, "_worker_loop", _never_reads)
     pairs = [make_inputs(s, h=200, w=200, c=27) for s in range(2)]  # ~4 MB per job: far more than a pipe holds
     began = time.monotonic()
     with CRFPool(workers=2) as pool, pytest.warns(RuntimeWarning, match=r"image\(s\) \[0, 1\]"):
