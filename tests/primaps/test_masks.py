@@ -1,6 +1,7 @@
 """Mask proposals: planted regions are recovered, the two stopping rules, a float64 reference of the original
 algorithm (same direction signs), the post-processing against hand computations, and bad input."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,3 +132,19 @@ def test_log_probs_by_hand():
     right = torch.tensor([max(0.0, level - 1.0), 0.0, 1.0])
     assert torch.allclose(out[:, 0, 0], torch.log_softmax(left, 0), atol=1e-6)
     assert torch.allclose(out[:, 0, 3], torch.log_softmax(right, 0), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [1, 5, 8, 40, 384])
+def test_top_eigenpair_against_float64_numpy(size):
+    from primaps.masks import top_eigenpair
+
+    gen = np.random.default_rng(size)
+    for rank in sorted({1, min(3, size), size}):
+        x = gen.standard_normal((rank, size)) * np.linspace(3.0, 1.0, size)
+        matrix = (x.T @ x).astype(np.float32)
+        value, vector = top_eigenpair(matrix)
+        values, vectors = np.linalg.eigh(matrix.astype(np.float64))
+        assert value == pytest.approx(values[-1], rel=1e-5)
+        assert abs(float(vector.astype(np.float64) @ vectors[:, -1])) == pytest.approx(1.0, abs=1e-5)
+    value, vector = top_eigenpair(np.zeros((size, size), np.float32))  # ARPACK refuses a zero matrix
+    assert value == 0.0 and vector.shape == (size,)
