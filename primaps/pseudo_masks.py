@@ -28,7 +28,7 @@ from primaps.masks import mask_log_probs, principal_mask_proposals
 from shared import crf as shared_crf
 from shared.worker_pool import WorkerPool, available_cores
 
-VERSION = 1  # bump when the pseudo-mask computation changes: old caches are then never reused
+VERSION = 2  # 2: ARPACK eigensolver. Bump when the pseudo-mask computation changes: old caches are then never reused
 MASKS_FILE, META_FILE = "masks.u8", "meta.json"
 MAX_MASKS = 255  # uint8 ids 1..255
 
