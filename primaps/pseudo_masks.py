@@ -117,9 +117,12 @@ def compute_masks(dataset, features_of: Callable[[int], np.ndarray], params: Mas
     bar = tqdm(total=n, unit="img", desc=f"PriMaPs pseudo-masks {dataset.name}/{dataset.split}", disable=not progress)
     with bar:
         if workers == 1:
-            for i in range(n):
-                out[i] = pseudo_mask(dataset[i]["image"], torch.from_numpy(features_of(i)), params)
-                bar.update(1)
+            # one BLAS thread, as in the pool's workers: the eigensolver's matrix-vector products are too small
+            # for threads (their wake-up costs more than the product)
+            with threadpool_limits(limits=1, user_api="blas"):
+                for i in range(n):
+                    out[i] = pseudo_mask(dataset[i]["image"], torch.from_numpy(features_of(i)), params)
+                    bar.update(1)
             return out
         _run_pool(dataset, features_of, params, out, workers, timeout_s, bar)
     return out
