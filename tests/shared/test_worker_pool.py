@@ -51,8 +51,9 @@ def test_every_result_arrives_once_and_the_initializer_runs_in_every_worker():
     assert _pool_workers_alive("test-worker") == []
 
 
-@pytest.mark.parametrize(("function", "field"), [(_die_on_one, "died"), (_sleep_on_one, "late")])
-def test_fail_fast_stops_at_the_first_failed_job(function, field):
+# A dying job needs no short deadline; a stuck one gets 3 s, which job 0 (instant) meets even on a loaded machine.
+@pytest.mark.parametrize(("function", "field", "timeout_s"), [(_die_on_one, "died", 60.0), (_sleep_on_one, "late", 3.0)])
+def test_fail_fast_stops_at_the_first_failed_job(function, field, timeout_s):
     made, done = [], []
 
     def make_job(i):
@@ -60,7 +61,7 @@ def test_fail_fast_stops_at_the_first_failed_job(function, field):
         return (i,)
 
     with WorkerPool(function, 1, name="test-worker") as pool:
-        outcome = pool.run(6, make_job, lambda i, r: done.append(r), timeout_s=1.0, fail_fast=True)
+        outcome = pool.run(6, make_job, lambda i, r: done.append(r), timeout_s=timeout_s, fail_fast=True)
         assert getattr(outcome, field) == [1] and done == [0] and made == [0, 1]  # jobs 2..5 never built
         assert pool._workers == []
     assert _pool_workers_alive("test-worker") == []
