@@ -52,7 +52,8 @@ def test_every_result_arrives_once_and_the_initializer_runs_in_every_worker():
 
 
 # A dying job needs no short deadline; a stuck one gets 3 s, which job 0 (instant) meets even on a loaded machine.
-@pytest.mark.parametrize(("function", "field", "timeout_s"), [(_die_on_one, "died", 60.0), (_sleep_on_one, "late", 3.0)])
+@pytest.mark.parametrize(("function", "field", "timeout_s"),
+                         [(_die_on_one, "died", 60.0), (_sleep_on_one, "late", 3.0)])
 def test_fail_fast_stops_at_the_first_failed_job(function, field, timeout_s):
     made, done = [], []
 
