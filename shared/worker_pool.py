@@ -38,6 +38,14 @@ def default_start_method() -> str:
     return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (respects taskset / cgroups affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS / Windows
+        return os.cpu_count() or 1
+
+
 def _resolve(target: tuple[str, str]) -> Callable:
     """The function named (module, name), looked up now: a forked worker runs what the parent's module holds at
     the fork (tests replace functions), a spawned one imports the module."""
@@ -82,9 +90,7 @@ class _Worker:
     def __init__(self, ctx, name: str, target: tuple[str, str], initializer: tuple[str, str] | None,
                  initargs: tuple) -> None:
         self.conn, child_conn = ctx.Pipe()
-        # Looked up through the module at start, so a test that replaces _worker_loop gets its stand-in forked.
-        loop = sys.modules[__name__]._worker_loop
-        self.process = ctx.Process(target=loop, args=(child_conn, os.getpid(), target, initializer, initargs),
+        self.process = ctx.Process(target=_worker_loop, args=(child_conn, os.getpid(), target, initializer, initargs),
                                    daemon=True, name=name)
         self.process.start()
         child_conn.close()
@@ -236,10 +242,3 @@ class WorkerPool:
             self.close()  # the jobs still running are abandoned with their workers
         return outcome
 
-
-def available_cores() -> int:
-    """CPU cores this process may run on (respects taskset / cgroups affinity)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS / Windows
-        return os.cpu_count() or 1
